@@ -1,0 +1,130 @@
+"""Input validation shared by both backends.
+
+Every check works on plain Python values and on ``.shape`` tuples, so it never
+imports numpy or torch. Each error names the argument and the value or shape at
+fault, so that a reader who passes ``A`` transposed is told exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_rank(r, d=None, k=None):
+    """r must be an integer with 1 <= r <= min(d, k).
+
+    A rank-r update ``B A`` of a (d, k) matrix has rank at most min(d, k), so a
+    larger r only adds parameters that can never be used.
+    """
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an integer, got r={r!r} of type {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer, got r={r}")
+    if d is not None and k is not None and r > min(d, k):
+        raise ValueError(
+            f"r={r} exceeds min(d, k) = min({d}, {k}) = {min(d, k)}: "
+            f"the update B A of a ({d}, {k}) matrix has rank at most {min(d, k)}"
+        )
+
+
+def check_dim(name, value):
+    """A matrix dimension: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {name}={value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value}")
+
+
+def check_finite_scalar(name, value):
+    """alpha, scaling, a standard deviation: a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {name}={value}")
+
+
+def check_ndim(name, shape, ndim):
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(shape)}")
+
+
+def check_factors(A_shape, B_shape):
+    """A: (r, k) and B: (d, r) must share r.  Returns (d, r, k)."""
+    check_ndim("A", A_shape, 2)
+    check_ndim("B", B_shape, 2)
+    r, k = A_shape
+    d, r_b = B_shape
+    if r_b != r:
+        raise ValueError(
+            f"A is {tuple(A_shape)} = (r, k) and B is {tuple(B_shape)} = (d, r): "
+            f"B has {r_b} columns but A has {r} rows"
+        )
+    if r == 0:
+        raise ValueError(f"r must be a positive integer, got A of shape {tuple(A_shape)} (r=0)")
+    return d, r, k
+
+
+def check_weight_and_factors(W_shape, A_shape, B_shape, W_name="W0"):
+    """W: (d, k), A: (r, k), B: (d, r).  Returns (d, r, k)."""
+    d, r, k = check_factors(A_shape, B_shape)
+    check_ndim(W_name, W_shape, 2)
+    if tuple(W_shape) != (d, k):
+        raise ValueError(
+            f"{W_name} is {tuple(W_shape)} but B A is ({d}, {k}) "
+            f"(B {tuple(B_shape)} @ A {tuple(A_shape)}); expected {W_name} of shape ({d}, {k})"
+        )
+    return d, r, k
+
+
+def check_inputs(x_shape, k, name="x"):
+    """x: (..., k), the last axis must match the input width k."""
+    if len(x_shape) == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    if x_shape[-1] != k:
+        raise ValueError(
+            f"{name} has shape {tuple(x_shape)}; its last axis must be k={k}, the input width of A (r, k)"
+        )
+
+
+def check_grad_output(g_shape, x_shape, d):
+    """grad_y must have the shape of y = (..., d), with the leading axes of x."""
+    expected = tuple(x_shape[:-1]) + (d,)
+    if tuple(g_shape) != expected:
+        raise ValueError(
+            f"grad_y has shape {tuple(g_shape)} but y = lora_forward(x, ...) has shape {expected} "
+            f"(x {tuple(x_shape)}, d={d})"
+        )
+
+
+def check_init_options(init, a_std, b_std):
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={init!r}")
+    if a_std is not None:
+        check_finite_scalar("a_std", a_std)
+        if init != "gaussian":
+            raise ValueError("a_std sets the std of a Gaussian A; pass init='gaussian' with it")
+        if a_std < 0:
+            raise ValueError(f"a_std must be >= 0, got a_std={a_std}")
+    if b_std is not None:
+        check_finite_scalar("b_std", b_std)
+        if b_std < 0:
+            raise ValueError(f"b_std must be >= 0, got b_std={b_std}")
+
+
+def kaiming_uniform_bound(k):
+    """Half-width of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k.
+
+    gain = sqrt(2 / (1 + a^2)) = sqrt(2 / 6) = 1/sqrt(3)
+    std  = gain / sqrt(k)
+    bound = sqrt(3) * std = 1 / sqrt(k)        so A_ij ~ U(-1/sqrt(k), 1/sqrt(k)),
+    Var(A_ij) = bound^2 / 3 = 1 / (3k).
+    """
+    a = math.sqrt(5.0)
+    gain = math.sqrt(2.0 / (1.0 + a * a))
+    return math.sqrt(3.0) * gain / math.sqrt(k)
+
+
+def gaussian_a_std(r):
+    """PEFT's init_lora_weights="gaussian": A_ij ~ N(0, (1/r)^2)."""
+    return 1.0 / r

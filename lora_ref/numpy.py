@@ -1,0 +1,136 @@
+"""LoRA in NumPy: the formulas of the book, one short function each.
+
+Shapes follow the LoRA paper and PEFT (and PyTorch's ``nn.Linear``):
+
+    W0: (d, k)  frozen weight, maps k inputs to d outputs
+    A:  (r, k)  down-projection, trained
+    B:  (d, r)  up-projection, trained, zero at init
+    x:  (..., k) rows of inputs          y: (..., d) rows of outputs
+
+    y = x W0^T + s (x A^T) B^T,   the row form of   y = W0 x + s B (A x),   s = alpha / r.
+
+``lora_ref.torch`` has the same names, signatures and numbers; a chapter switches
+backend by changing one import. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _checks
+
+__all__ = ["scaling", "init_lora", "lora_forward", "delta_w", "merge", "unmerge", "lora_grads"]
+
+
+def _shape(a):
+    return tuple(np.shape(a))
+
+
+def _check_finite_array(name, a):
+    a = np.asarray(a)
+    if not np.all(np.isfinite(a)):
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf) in shape {a.shape}")
+
+
+def scaling(alpha, r, rslora=False):
+    """The LoRA scale s that multiplies B A.
+
+    s = alpha / r           (LoRA, Hu et al. 2021)
+    s = alpha / sqrt(r)     (rsLoRA, Kalajdzievski 2023: keeps the update's scale stable as r grows)
+    """
+    _checks.check_finite_scalar("alpha", alpha)
+    _checks.check_rank(r)
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def init_lora(d, k, r, seed=0, *, init="kaiming", a_std=None, b_std=None, dtype="float64"):
+    """Initial factors (A, B) for a (d, k) weight.
+
+    init="kaiming" (PEFT's default):  A_ij ~ U(-1/sqrt(k), 1/sqrt(k)),  Var = 1/(3k)
+    init="gaussian" (PEFT's "gaussian"): A_ij ~ N(0, a_std^2), a_std = 1/r unless given
+    B = 0 (so B A = 0 and the adapted model starts as the base model), unless
+    b_std is given: then B_ij ~ N(0, b_std^2), for studying the variance of B A.
+
+    Both backends draw from ``numpy.random.default_rng(seed)``, so the same seed
+    gives the same numbers in either. seed=None draws fresh randomness.
+    Returns A: (r, k), B: (d, r).
+    """
+    _checks.check_dim("d", d)
+    _checks.check_dim("k", k)
+    _checks.check_rank(r, d, k)
+    _checks.check_init_options(init, a_std, b_std)
+    rng = np.random.default_rng(seed)
+    if init == "kaiming":
+        bound = _checks.kaiming_uniform_bound(k)             # 1/sqrt(k)
+        A = rng.uniform(-bound, bound, size=(r, k))          # (r, k)
+    else:
+        std = _checks.gaussian_a_std(r) if a_std is None else a_std
+        A = rng.normal(0.0, 1.0, size=(r, k)) * std          # (r, k)
+    if b_std is None:
+        B = np.zeros((d, r))                                 # (d, r)
+    else:
+        B = rng.normal(0.0, 1.0, size=(d, r)) * b_std        # (d, r)
+    return A.astype(dtype), B.astype(dtype)
+
+
+def lora_forward(x, W0, A, B, scaling):
+    """y = W0 x + s B (A x), through the r-dimensional bottleneck.
+
+    x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r)  ->  y: (..., d)
+    Cost per token: d k (base) + r (k + d) (bypass), never the d k r of forming B A.
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_finite_scalar("scaling", scaling)
+    h = x @ A.T                                   # (..., r)   h = A x
+    return x @ W0.T + scaling * (h @ B.T)         # (..., d)   y = W0 x + s B h
+
+
+def delta_w(A, B, scaling):
+    """The weight update Delta W = s B A, a (d, k) matrix of rank <= r."""
+    _checks.check_factors(_shape(A), _shape(B))
+    _checks.check_finite_scalar("scaling", scaling)
+    return scaling * (B @ A)                      # (d, r) @ (r, k) -> (d, k)
+
+
+def merge(W0, A, B, scaling):
+    """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards)."""
+    _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    for name, a in (("W0", W0), ("A", A), ("B", B)):
+        _check_finite_array(name, a)
+    return W0 + delta_w(A, B, scaling)            # (d, k)
+
+
+def unmerge(W, A, B, scaling):
+    """W0 = W - s B A: recover the base weight (exact in exact arithmetic)."""
+    _checks.check_weight_and_factors(_shape(W), _shape(A), _shape(B), W_name="W")
+    for name, a in (("W", W), ("A", A), ("B", B)):
+        _check_finite_array(name, a)
+    return W - delta_w(A, B, scaling)             # (d, k)
+
+
+def lora_grads(x, grad_y, A, B, scaling):
+    """Hand-derived gradients of a loss L through the LoRA bypass.
+
+    Column convention (the paper's), X: (k, n), G = dL/dY: (d, n):
+        dL/dB = s G (A X)^T          (d, r)
+        dL/dA = s B^T G X^T          (r, k)
+    Row convention used here, x = X^T: (n, k), g = G^T: (n, d):
+        dL/dB = s g^T (x A^T)        (d, n) @ (n, r)
+        dL/dA = s (g B)^T x          (r, n) @ (n, k)
+    At B = 0, dL/dA = 0: only B moves on the first step.
+    Leading axes of x (..., k) are flattened into n.  Returns (dA, dB).
+    """
+    d, r, k = _checks.check_factors(_shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_grad_output(_shape(grad_y), _shape(x), d)
+    _checks.check_finite_scalar("scaling", scaling)
+    x2 = np.reshape(x, (-1, k))                   # (n, k)
+    g2 = np.reshape(grad_y, (-1, d))              # (n, d)
+    h = x2 @ A.T                                  # (n, r)   h = A x
+    dB = scaling * (g2.T @ h)                     # (d, r)   s G (A X)^T
+    dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T G X^T
+    return dA, dB

@@ -1,0 +1,312 @@
+"""LoRA in PyTorch: the same formulas as ``lora_ref.numpy``, plus a layer.
+
+Shapes follow the LoRA paper and PEFT (and ``nn.Linear``):
+
+    W0: (d, k)  frozen weight        A: (r, k)  trained        B: (d, r)  trained, zero at init
+    x:  (..., k)                     y = x W0^T + s (x A^T) B^T,   s = alpha / r
+
+The functions mirror ``lora_ref.numpy`` name for name and give the same numbers
+(a test enforces both). ``LoRALinear``, ``add_lora`` and ``merge_lora`` put the
+same math into a model, named as PEFT names things (``target_modules``,
+``lora_A``, ``lora_B``, ``scaling``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _checks
+
+__all__ = [
+    "scaling",
+    "init_lora",
+    "lora_forward",
+    "delta_w",
+    "merge",
+    "unmerge",
+    "lora_grads",
+    "LoRALinear",
+    "add_lora",
+    "merge_lora",
+    "lora_modules",
+]
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _dtype(dtype):
+    """'float64' or torch.float64 -> torch.float64."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise TypeError(f"dtype must be a torch.dtype or its name such as 'float32', got {dtype!r}")
+
+
+def _check_finite_tensor(name, t):
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf) in shape {tuple(t.shape)}")
+
+
+def scaling(alpha, r, rslora=False):
+    """The LoRA scale s that multiplies B A.
+
+    s = alpha / r           (LoRA, Hu et al. 2021)
+    s = alpha / sqrt(r)     (rsLoRA, Kalajdzievski 2023: keeps the update's scale stable as r grows)
+    """
+    _checks.check_finite_scalar("alpha", alpha)
+    _checks.check_rank(r)
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def init_lora(d, k, r, seed=0, *, init="kaiming", a_std=None, b_std=None, dtype="float64"):
+    """Initial factors (A, B) for a (d, k) weight.
+
+    init="kaiming" (PEFT's default):  A_ij ~ U(-1/sqrt(k), 1/sqrt(k)),  Var = 1/(3k)
+    init="gaussian" (PEFT's "gaussian"): A_ij ~ N(0, a_std^2), a_std = 1/r unless given
+    B = 0 unless b_std is given, then B_ij ~ N(0, b_std^2).
+
+    With an integer seed the draws come from ``numpy.random.default_rng(seed)``,
+    exactly as in ``lora_ref.numpy``, so both backends give the same numbers.
+    seed=None draws from torch's global generator (``torch.manual_seed``), as
+    PEFT does. Returns A: (r, k), B: (d, r).
+    """
+    _checks.check_dim("d", d)
+    _checks.check_dim("k", k)
+    _checks.check_rank(r, d, k)
+    _checks.check_init_options(init, a_std, b_std)
+    dt = _dtype(dtype)
+    if seed is not None:
+        # One source of randomness for both backends: the NumPy draws, cast.
+        from . import numpy as _np_backend
+
+        A, B = _np_backend.init_lora(d, k, r, seed, init=init, a_std=a_std, b_std=b_std)
+        return torch.from_numpy(A).to(dt), torch.from_numpy(B).to(dt)
+    A = torch.empty(r, k, dtype=dt)                           # (r, k)
+    if init == "kaiming":
+        bound = _checks.kaiming_uniform_bound(k)              # 1/sqrt(k)
+        nn.init.uniform_(A, -bound, bound)
+    else:
+        nn.init.normal_(A, 0.0, _checks.gaussian_a_std(r) if a_std is None else a_std)
+    B = torch.zeros(d, r, dtype=dt)                           # (d, r)
+    if b_std is not None:
+        nn.init.normal_(B, 0.0, b_std)
+    return A, B
+
+
+def lora_forward(x, W0, A, B, scaling):
+    """y = W0 x + s B (A x), through the r-dimensional bottleneck.
+
+    x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r)  ->  y: (..., d)
+    Cost per token: d k (base) + r (k + d) (bypass), never the d k r of forming B A.
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_finite_scalar("scaling", scaling)
+    h = x @ A.T                                   # (..., r)   h = A x
+    return x @ W0.T + scaling * (h @ B.T)         # (..., d)   y = W0 x + s B h
+
+
+def delta_w(A, B, scaling):
+    """The weight update Delta W = s B A, a (d, k) matrix of rank <= r."""
+    _checks.check_factors(_shape(A), _shape(B))
+    _checks.check_finite_scalar("scaling", scaling)
+    return scaling * (B @ A)                      # (d, r) @ (r, k) -> (d, k)
+
+
+def merge(W0, A, B, scaling):
+    """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards)."""
+    _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    for name, t in (("W0", W0), ("A", A), ("B", B)):
+        _check_finite_tensor(name, t)
+    return W0 + delta_w(A, B, scaling)            # (d, k)
+
+
+def unmerge(W, A, B, scaling):
+    """W0 = W - s B A: recover the base weight (exact in exact arithmetic)."""
+    _checks.check_weight_and_factors(_shape(W), _shape(A), _shape(B), W_name="W")
+    for name, t in (("W", W), ("A", A), ("B", B)):
+        _check_finite_tensor(name, t)
+    return W - delta_w(A, B, scaling)             # (d, k)
+
+
+def lora_grads(x, grad_y, A, B, scaling):
+    """Hand-derived gradients of a loss L through the LoRA bypass.
+
+    Column convention (the paper's), X: (k, n), G = dL/dY: (d, n):
+        dL/dB = s G (A X)^T          (d, r)
+        dL/dA = s B^T G X^T          (r, k)
+    Row convention used here, x = X^T: (n, k), g = G^T: (n, d):
+        dL/dB = s g^T (x A^T)        (d, n) @ (n, r)
+        dL/dA = s (g B)^T x          (r, n) @ (n, k)
+    At B = 0, dL/dA = 0: only B moves on the first step.
+    Leading axes of x (..., k) are flattened into n.  Returns (dA, dB).
+    """
+    d, r, k = _checks.check_factors(_shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_grad_output(_shape(grad_y), _shape(x), d)
+    _checks.check_finite_scalar("scaling", scaling)
+    x2 = x.reshape(-1, k)                         # (n, k)
+    g2 = grad_y.reshape(-1, d)                    # (n, d)
+    h = x2 @ A.T                                  # (n, r)   h = A x
+    dB = scaling * (g2.T @ h)                     # (d, r)   s G (A X)^T
+    dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T G X^T
+    return dA, dB
+
+
+# --------------------------------------------------------------------------- layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (W0, bias) plus a trainable low-rank bypass.
+
+        y = base(x) + s * B (A dropout(x)),     s = alpha / r  (alpha / sqrt(r) with rslora)
+
+    ``lora_A`` is A: (r, k) and ``lora_B`` is B: (d, r), held as parameters, so the
+    bypass is two thin matmuls and B A is never formed. After ``merge()`` the
+    bypass is folded into ``base_layer.weight`` and the layer costs exactly what
+    the base layer costs; ``unmerge()`` restores W0.
+
+    A is initialised as in PEFT (kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(k), 1/sqrt(k)),
+    or "gaussian" with std 1/r), from torch's global generator; B = 0.
+    """
+
+    def __init__(self, base_layer, r, alpha, dropout=0.0, rslora=False, init="kaiming"):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        d, k = base_layer.out_features, base_layer.in_features
+        _checks.check_rank(r, d, k)
+        _checks.check_finite_scalar("alpha", alpha)
+        _checks.check_finite_scalar("dropout", dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={dropout}")
+        self.base_layer = base_layer
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = scaling(alpha, r, rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        W0 = base_layer.weight
+        A, B = init_lora(d, k, r, seed=None, init=init, dtype=W0.dtype)
+        self.lora_A = nn.Parameter(A.to(W0.device))            # (r, k)
+        self.lora_B = nn.Parameter(B.to(W0.device))            # (d, r)
+        self.merged = False
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def forward(self, x):
+        y = self.base_layer(x)                                  # (..., d)   W0 x + bias
+        if self.merged:
+            return y                                            # W already holds W0 + s B A
+        h = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   h = A x
+        return y + self.scaling * (h @ self.lora_B.T)           # (..., d)   + s B h
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W0 + s B A in place; the bypass is switched off."""
+        if not self.merged:
+            W0 = self.base_layer.weight
+            W0.copy_(merge(W0, self.lora_A.to(W0.dtype), self.lora_B.to(W0.dtype), self.scaling))
+            self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W0 <- W - s B A in place; the bypass is switched back on."""
+        if self.merged:
+            W = self.base_layer.weight
+            W.copy_(unmerge(W, self.lora_A.to(W.dtype), self.lora_B.to(W.dtype), self.scaling))
+            self.merged = False
+        return self
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
+
+
+def _matches(name, target_modules):
+    """PEFT's rule for a list of targets: the module's name equals a target or ends in '.target'."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _output_layer_names(model):
+    """Names of the output projection (lm_head), which PEFT's "all-linear" leaves alone."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    return {n for n, m in model.named_modules() if out is not None and m is out} | {"lm_head"}
+
+
+def _target_names(model, target_modules):
+    """The names of the nn.Linear modules that ``target_modules`` selects, in model order."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if target_modules == "all-linear":
+        skip = _output_layer_names(model)
+        return [n for n in linears if n not in skip and n.split(".")[-1] not in skip]
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    target_modules = list(target_modules)
+    if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}")
+    names = [n for n in linears if _matches(n, target_modules)]
+    if not names:
+        suffixes = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(
+            f"target_modules={target_modules} matched no nn.Linear in the model; "
+            f"its linear layers end in {suffixes}"
+        )
+    return names
+
+
+def add_lora(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming"):
+    """Replace each nn.Linear whose name ends in one of ``target_modules`` by a LoRALinear.
+
+    ``target_modules`` is a list of name suffixes, as in PEFT (``["q_proj", "v_proj"]``),
+    or "all-linear" (every nn.Linear but the output layer). Every parameter of the
+    model is frozen except the new A and B. The model is changed in place and returned.
+    """
+    _checks.check_finite_scalar("alpha", alpha)
+    _checks.check_rank(r)
+    names = _target_names(model, target_modules)
+    for name in names:                                          # validate every r first:
+        lin = model.get_submodule(name)                         # nothing is replaced if one fails
+        _checks.check_rank(r, lin.out_features, lin.in_features)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora, init))
+    return model
+
+
+def lora_modules(model):
+    """{name: LoRALinear} for every LoRA layer in the model, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain nn.Linear back.
+
+    The returned model has the original architecture and no LoRA modules, like
+    PEFT's ``merge_and_unload()``; its outputs equal the adapted model's.
+    """
+    for name, module in lora_modules(model).items():
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base_layer)
+    return model

@@ -1,0 +1,156 @@
+"""lora_ref.torch against PEFT, the oracle: forward, init distribution, scaling, merge."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import Linear as PeftLoraLinear
+from scipy import stats
+from torch import nn
+
+from lora_ref import torch as lt
+
+
+class MLP(nn.Module):
+    def __init__(self, k=48, hidden=40, d=24):
+        super().__init__()
+        self.up = nn.Linear(k, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def _peft_and_ours(r=4, alpha=8, rslora=False, targets=("up", "down"), seed=0):
+    """The same base model wrapped by PEFT and by lora_ref, with the same nonzero A and B."""
+    torch.manual_seed(seed)
+    base = MLP()
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora)
+    )
+    ours = lt.add_lora(copy.deepcopy(base), list(targets), r=r, alpha=alpha, rslora=rslora)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, layer in lt.lora_modules(ours).items():
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        assert isinstance(peft_layer, PeftLoraLinear)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5, generator=g)                 # nonzero B: the bypass matters
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    return peft_model, ours, base
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_matches_peft_lora_linear(rslora):
+    peft_model, ours, base = _peft_and_ours(r=4, alpha=8, rslora=rslora)
+    x = torch.randn(5, 3, 48, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-6, atol=1e-6)
+        # and the bypass really contributes: the base model alone gives other outputs
+        assert (ours(x) - base(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("r, alpha, rslora", [(1, 1, False), (8, 16, False), (8, 16, True), (64, 8, True)])
+def test_scaling_matches_peft(r, alpha, rslora):
+    peft_model = get_peft_model(MLP(k=64, hidden=64), LoraConfig(r=r, lora_alpha=alpha, target_modules=["up"], use_rslora=rslora))
+    expected = peft_model.base_model.model.up.scaling["default"]
+    assert lt.scaling(alpha, r, rslora) == pytest.approx(expected, rel=1e-15)
+    assert lt.LoRALinear(nn.Linear(64, 64), r, alpha, rslora=rslora).scaling == pytest.approx(expected, rel=1e-15)
+    assert expected == pytest.approx(alpha / math.sqrt(r) if rslora else alpha / r)
+
+
+def _peft_A(init, k=256, r=16, n_layers=8):
+    model = nn.Sequential(*[nn.Linear(k, k) for _ in range(n_layers)])
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=[str(i) for i in range(n_layers)],
+                     init_lora_weights=True if init == "kaiming" else "gaussian")
+    pm = get_peft_model(model, cfg)
+    return torch.cat([m.lora_A["default"].weight.detach().flatten() for m in pm.modules()
+                      if isinstance(m, PeftLoraLinear)]).numpy()
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_default_init_has_peft_distribution(init):
+    """KS tests: our A against the closed-form law and against PEFT's own draws; B is exactly zero."""
+    k, r = 256, 16
+    torch.manual_seed(0)
+    ours = np.concatenate([lt.LoRALinear(nn.Linear(k, k), r, r, init=init).lora_A.detach().flatten().numpy()
+                           for _ in range(8)])
+    seeded = lt.init_lora(k, k, r, seed=0, init=init)[0].flatten().numpy()
+    peft = _peft_A(init, k, r)
+    law = stats.uniform(-1 / math.sqrt(k), 2 / math.sqrt(k)) if init == "kaiming" else stats.norm(0, 1 / r)
+    for sample in (ours, seeded, peft):
+        assert stats.kstest(sample, law.cdf).pvalue > 1e-3
+    assert stats.ks_2samp(ours, peft).pvalue > 1e-3
+    # the test has power: the other init's law is rejected outright
+    wrong = stats.norm(0, 1 / r) if init == "kaiming" else stats.uniform(-1 / math.sqrt(k), 2 / math.sqrt(k))
+    assert stats.kstest(ours, wrong.cdf).pvalue < 1e-6
+    assert np.var(peft) == pytest.approx(law.var(), rel=0.05)
+    assert torch.count_nonzero(lt.LoRALinear(nn.Linear(k, k), r, r).lora_B) == 0
+
+
+def test_merge_lora_matches_merge_and_unload():
+    peft_model, ours, _ = _peft_and_ours(r=4, alpha=16)
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y_adapted = ours(x)
+        merged_peft = peft_model.merge_and_unload()
+        merged_ours = lt.merge_lora(ours)
+        assert not lt.lora_modules(merged_ours)
+        assert type(merged_ours.up) is nn.Linear and type(merged_ours.down) is nn.Linear
+        for name in ("up", "down"):
+            torch.testing.assert_close(merged_ours.get_submodule(name).weight,
+                                       merged_peft.get_submodule(name).weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(merged_ours(x), y_adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_merge_then_unmerge_restores_W0_and_output():
+    torch.manual_seed(0)
+    layer = lt.LoRALinear(nn.Linear(32, 16).double(), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    W0 = layer.base_layer.weight.clone()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-14)
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_add_lora_trains_the_same_parameters_as_peft():
+    peft_model, ours, _ = _peft_and_ours(targets=("up",))
+    trainable = lambda m: sorted(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable(ours) == trainable(peft_model) == sorted([4 * 48, 40 * 4])
+    assert peft_model.get_nb_trainable_parameters()[0] == sum(trainable(ours))
+    assert not ours.down.weight.requires_grad and not ours.up.base_layer.bias.requires_grad
+
+
+def test_add_lora_selects_modules_by_name_suffix_as_peft_does():
+    model = nn.Sequential()
+    model.add_module("attn", nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8), "xq_proj": nn.Linear(8, 8)}))
+    model.add_module("lm_head", nn.Linear(8, 4))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, PeftLoraLinear)}
+    ours = lt.add_lora(copy.deepcopy(model), ["q_proj", "v_proj"], r=2, alpha=2)
+    assert set(lt.lora_modules(ours)) == peft_names == {"attn.q_proj", "attn.v_proj"}
+    all_linear = lt.add_lora(copy.deepcopy(model), "all-linear", r=2, alpha=2)
+    assert set(lt.lora_modules(all_linear)) == {"attn.q_proj", "attn.v_proj", "attn.xq_proj"}
+
+
+def test_dropout_is_applied_to_the_bypass_input_only():
+    torch.manual_seed(0)
+    layer = lt.LoRALinear(nn.Linear(16, 8), r=2, alpha=2, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 16)
+    layer.eval()
+    y_eval = layer(x)
+    torch.testing.assert_close(y_eval, layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T)
+    layer.train()
+    assert not torch.allclose(layer(x), y_eval)
