@@ -252,7 +252,8 @@ def _output_layer_names(model):
 
 def _target_names(model, target_modules):
     """The names of the nn.Linear modules that ``target_modules`` selects, in model order."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped = {n + ".base_layer" if n else "base_layer" for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
         return [n for n in linears if n not in skip and n.split(".")[-1] not in skip]
@@ -284,8 +285,9 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="k
     for name in names:                                          # validate every r first:
         lin = model.get_submodule(name)                         # nothing is replaced if one fails
         _checks.check_rank(r, lin.out_features, lin.in_features)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    existing = {id(p) for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():                                # freeze all but the adapters
+        p.requires_grad_(id(p) in existing and p.requires_grad)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -154,3 +154,13 @@ def test_dropout_is_applied_to_the_bypass_input_only():
     torch.testing.assert_close(y_eval, layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T)
     layer.train()
     assert not torch.allclose(layer(x), y_eval)
+
+
+def test_a_second_add_lora_keeps_the_first_adapters_trainable_and_does_not_nest():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    lt.add_lora(model, ["0"], r=2, alpha=2)
+    lt.add_lora(model, "all-linear", r=2, alpha=2)
+    assert set(lt.lora_modules(model)) == {"0", "2"}
+    assert not isinstance(model[0].base_layer, lt.LoRALinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}

@@ -1,0 +1,386 @@
+"""Parameter counts and memory budgets, computed from a model's config.
+
+A decoder-only transformer in the Llama family (Llama, Mistral, Qwen2) has, per layer,
+seven linear maps, named as in Hugging Face transformers and PEFT:
+
+    attention:  q_proj  hidden -> n_heads    * head_dim
+                k_proj  hidden -> n_kv_heads * head_dim     (grouped-query attention:
+                v_proj  hidden -> n_kv_heads * head_dim      n_kv_heads <= n_heads)
+                o_proj  n_heads * head_dim -> hidden
+    MLP:        gate_proj, up_proj  hidden -> intermediate,   down_proj  intermediate -> hidden
+
+LoRA on a (d_out, d_in) weight W0 trains A: (r, d_in) and B: (d_out, r), so it adds
+
+    r (d_in + d_out)  parameters per adapted matrix,  and  L * sum_targets r (d_in + d_out)  in all.
+
+Memory estimates count weights, gradients and optimizer state only; activations
+(which grow with batch size and sequence length) are excluded everywhere.
+
+This module uses only the standard library: it never imports numpy or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from collections.abc import Mapping
+from importlib import resources
+
+from . import _checks
+
+__all__ = [
+    "LINEAR_MODULES", "TARGET_SETS", "BYTES_PER_PARAM", "MemoryEstimate",
+    "available_configs", "load_config", "linear_shapes", "resolve_targets",
+    "lora_param_count", "lora_param_count_ignoring_gqa", "decoder_linear_param_count",
+    "base_param_breakdown", "base_param_count", "adapter_bytes", "nf4_bits_per_param",
+    "full_finetune_memory", "lora_memory", "qlora_memory",
+]
+
+# The seven linear layers of one decoder layer, in PEFT's names and in model order.
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Named target sets. "qv" is the LoRA paper's choice (Hu et al. 2021, Sec. 7.1); "all-linear"
+# is PEFT's shorthand, which adapts every linear layer except the output head lm_head.
+TARGET_SETS = {
+    "qv": ("q_proj", "v_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": LINEAR_MODULES,
+}
+
+# Bytes per stored number, by dtype.
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _config_dir():
+    """lora_ref/configs/, shipped as package data (pyproject.toml: configs/*.json)."""
+    return resources.files("lora_ref").joinpath("configs")
+
+
+def available_configs():
+    """Names of the shipped configs, e.g. ['llama-3.1-70b', 'llama-3.1-8b', ...]."""
+    files = _config_dir().iterdir()
+    return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
+
+
+def load_config(name):
+    """A shipped config as a dict: the public config.json, reduced to the architecture keys.
+
+    ``_source`` holds the Hugging Face hub repo it comes from, e.g. "meta-llama/Llama-3.1-8B".
+    """
+    names = available_configs()
+    if name not in names:
+        raise ValueError(f"unknown config name={name!r}; available configs: {names}")
+    text = _config_dir().joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _describe(config):
+    return config.get("_source") or config.get("model_type") or "config"
+
+
+def _get_dim(config, key, default=None):
+    """config[key] as a positive int; a missing key is a ValueError that names it."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (a model's config.json), got {type(config).__name__}")
+    if key not in config or config[key] is None:
+        if default is not None:
+            return default
+        raise ValueError(f"config ({_describe(config)}) is missing the key {key!r}")
+    value = config[key]
+    _checks.check_dim(key, value)
+    return value
+
+
+def _head_dims(config):
+    """(n_heads, n_kv_heads, head_dim), with the defaults transformers uses."""
+    hidden = _get_dim(config, "hidden_size")
+    n_heads = _get_dim(config, "num_attention_heads")
+    n_kv = _get_dim(config, "num_key_value_heads", default=n_heads)   # absent: no GQA
+    if n_heads % n_kv != 0:
+        raise ValueError(
+            f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}: "
+            f"grouped-query attention shares each K/V head among n_heads / n_kv_heads query heads"
+        )
+    if config.get("head_dim") is None and hidden % n_heads != 0:
+        raise ValueError(
+            f"hidden_size={hidden} is not divisible by num_attention_heads={n_heads}; "
+            f"give head_dim explicitly"
+        )
+    head_dim = _get_dim(config, "head_dim", default=hidden // n_heads)
+    return n_heads, n_kv, head_dim
+
+
+# ----------------------------------------------------------------------------- shapes and targets
+
+def linear_shapes(config):
+    """{module name: (d_in, d_out)} for the seven linear layers of ONE decoder layer.
+
+    Llama-3.1-8B (hidden 4096, 32 heads, 8 KV heads of 128, intermediate 14336):
+        q_proj (4096, 4096)  k_proj (4096, 1024)  v_proj (4096, 1024)  o_proj (4096, 4096)
+        gate_proj, up_proj (4096, 14336)          down_proj (14336, 4096)
+    The weight W0 of nn.Linear(d_in, d_out) is (d_out, d_in) = (d, k) in the LoRA paper's letters.
+    """
+    hidden = _get_dim(config, "hidden_size")
+    inter = _get_dim(config, "intermediate_size")
+    n_heads, n_kv, head_dim = _head_dims(config)
+    q_out = n_heads * head_dim               # all query heads
+    kv_out = n_kv * head_dim                 # GQA: only n_kv heads of keys and values
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def resolve_targets(target_modules):
+    """A named set ("qv", "attention", "all-linear") or a list of module names -> tuple of names.
+
+    Duplicates collapse (PEFT keeps target_modules as a set); the result is in model order.
+    """
+    if isinstance(target_modules, str):
+        if target_modules in TARGET_SETS:
+            return TARGET_SETS[target_modules]
+        hint = f"; for one module pass a list, [{target_modules!r}]" if target_modules in LINEAR_MODULES else ""
+        raise ValueError(
+            f"unknown target set {target_modules!r}: named sets are {sorted(TARGET_SETS)}{hint}"
+        )
+    try:
+        names = list(target_modules)
+    except TypeError:
+        raise TypeError(
+            f"target_modules must be a named set or a list of module names, got {target_modules!r}"
+        ) from None
+    if not names:
+        raise ValueError("target_modules is empty: LoRA needs at least one module to adapt")
+    for name in names:
+        if name not in LINEAR_MODULES:
+            raise ValueError(f"unknown module name {name!r}: valid names are {list(LINEAR_MODULES)}")
+    return tuple(m for m in LINEAR_MODULES if m in set(names))
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def lora_param_count(config, r, target_modules):
+    """Trainable LoRA parameters:  L * sum_targets r (d_in + d_out).
+
+    A: (r, d_in) has r d_in entries and B: (d_out, r) has r d_out; L = num_hidden_layers.
+    Llama-3.1-8B, r=16: "qv" 6,815,744; "attention" 13,631,488; "all-linear" 41,943,040.
+    """
+    _checks.check_rank(r)
+    n_layers = _get_dim(config, "num_hidden_layers")
+    shapes = linear_shapes(config)
+    per_layer = 0
+    for name in resolve_targets(target_modules):
+        d_in, d_out = shapes[name]
+        _checks.check_rank(r, d_out, d_in)            # rank(B A) <= min(d, k)
+        per_layer += r * (d_in + d_out)               # |A| + |B| = r k + d r
+    return n_layers * per_layer
+
+
+def lora_param_count_ignoring_gqa(config, r, target_modules):
+    """A common WRONG count, kept for the errata page: k_proj and v_proj taken as hidden -> hidden.
+
+    It forgets grouped-query attention (num_key_value_heads < num_attention_heads). For
+    Llama-3.1-8B, "qv" at r=16 it gives 32 * 16 * (8192 + 8192) = 8,388,608 ("8.4M"), where
+    the right count, with v_proj 4096 -> 1024, is 6,815,744.
+    """
+    no_gqa = dict(config)
+    no_gqa["num_key_value_heads"] = _head_dims(config)[0]     # n_kv_heads := n_heads
+    return lora_param_count(no_gqa, r, target_modules)
+
+
+def _bias_modules(config):
+    """The linear layers that carry a bias vector (of size d_out), as transformers builds them.
+
+    qwen2: q, k, v always (Qwen2Attention hard-codes bias=True; o_proj has none).
+    mistral: none.  llama and others: q, k, v, o if attention_bias; gate, up, down if mlp_bias.
+    """
+    model_type = config.get("model_type")
+    if model_type == "qwen2":
+        return ("q_proj", "k_proj", "v_proj")
+    if model_type == "mistral":
+        return ()
+    out = ()
+    if config.get("attention_bias", False):
+        out += ("q_proj", "k_proj", "v_proj", "o_proj")
+    if config.get("mlp_bias", False):
+        out += ("gate_proj", "up_proj", "down_proj")
+    return out
+
+
+def decoder_linear_param_count(config):
+    """Weights of the linear layers of all decoder layers: L * sum_7 d_in d_out (no biases).
+
+    These are the weights that QLoRA stores in NF4.
+    """
+    n_layers = _get_dim(config, "num_hidden_layers")
+    return n_layers * sum(d_in * d_out for d_in, d_out in linear_shapes(config).values())
+
+
+def base_param_breakdown(config):
+    """Parameters of the base model, by component (they sum to base_param_count).
+
+    embed_tokens     V h
+    linear weights   L sum_7 d_in d_out
+    linear biases    L sum_{biased} d_out            (Qwen2: q, k, v)
+    layer norms      L * 2 h                          (input and post-attention RMSNorm weights)
+    final norm       h
+    lm_head          V h, or 0 when tie_word_embeddings (it reuses embed_tokens)
+    """
+    hidden = _get_dim(config, "hidden_size")
+    vocab = _get_dim(config, "vocab_size")
+    n_layers = _get_dim(config, "num_hidden_layers")
+    shapes = linear_shapes(config)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return {
+        "embed_tokens": vocab * hidden,
+        "linear weights": decoder_linear_param_count(config),
+        "linear biases": n_layers * sum(shapes[m][1] for m in _bias_modules(config)),
+        "layer norms": n_layers * 2 * hidden,
+        "final norm": hidden,
+        "lm_head": 0 if tied else vocab * hidden,
+    }
+
+
+def base_param_count(config):
+    """All parameters of the base model (Llama-3.1-8B: 8,030,261,248)."""
+    return sum(base_param_breakdown(config).values())
+
+
+def adapter_bytes(config, r, target_modules, bytes_per_param=2):
+    """Size of the saved adapter weights: |LoRA params| * bytes_per_param (2 for bf16/fp16).
+
+    This is the tensor data only; a safetensors file adds a small JSON header.
+    """
+    _checks.check_finite_scalar("bytes_per_param", bytes_per_param)
+    if bytes_per_param <= 0:
+        raise ValueError(f"bytes_per_param must be positive, got bytes_per_param={bytes_per_param}")
+    return lora_param_count(config, r, target_modules) * bytes_per_param
+
+
+# ----------------------------------------------------------------------------- NF4
+
+def nf4_bits_per_param(blocksize=64, double_quant=True, dq_blocksize=256):
+    """Storage per weight of blockwise NF4 (QLoRA, Dettmers et al. 2023, Sec. 3), in bits.
+
+    Each weight is a 4-bit code. Each block of `blocksize` weights (64 in QLoRA) also stores
+    its absmax constant c, so the overhead per weight is (bits of c) / blocksize:
+
+      without double quantisation, c is fp32:      4 + 32 / 64                   = 4.5
+      with double quantisation, c is 8-bit, and one fp32 constant is kept per
+      dq_blocksize (256) blocks of c:              4 + 8 / 64 + 32 / (64 * 256)  = 4.126953125
+
+    (bitsandbytes also keeps the mean subtracted from the c's and two small codebooks per
+    tensor; a few hundred bytes per matrix, left out here.)
+    """
+    for name, value in (("blocksize", blocksize), ("dq_blocksize", dq_blocksize)):
+        _checks.check_dim(name, value)
+    code_bits = 4                                  # one NF4 code: 16 levels
+    fp32_bits = 8 * BYTES_PER_PARAM["fp32"]        # 32
+    if not double_quant:
+        return code_bits + fp32_bits / blocksize
+    int8_bits = 8
+    return code_bits + int8_bits / blocksize + fp32_bits / (blocksize * dq_blocksize)
+
+
+# ----------------------------------------------------------------------------- memory
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Training memory, in bytes, by component. Activations are not included.
+
+    params_total:     parameters of the model being trained (base + adapter)
+    params_trainable: parameters that get gradients and optimizer state
+    breakdown:        {component name: bytes}, read-only
+    """
+
+    method: str
+    params_total: int
+    params_trainable: int
+    breakdown: Mapping
+
+    def __post_init__(self):
+        object.__setattr__(self, "breakdown", types.MappingProxyType(dict(self.breakdown)))
+
+    @property
+    def total_bytes(self):
+        return sum(self.breakdown.values())
+
+    @property
+    def gb(self):
+        """Total in GB, 1e9 bytes (what GPU vendors and the LoRA/QLoRA papers quote)."""
+        return self.total_bytes / 1e9
+
+    @property
+    def gib(self):
+        """Total in GiB, 2**30 bytes (what nvidia-smi and torch.cuda report)."""
+        return self.total_bytes / 2**30
+
+
+def _adam_mixed_precision(n, prefix=""):
+    """Bytes for n trainable parameters under mixed-precision Adam: 16 bytes/param.
+
+    bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + Adam m 4 + Adam v 4
+    (the "2 + 2 + 12" of Rajbhandari et al. 2020, ZeRO, Sec. 3.1, with K = 12).
+    """
+    fp32, bf16 = BYTES_PER_PARAM["fp32"], BYTES_PER_PARAM["bf16"]
+    return {
+        f"{prefix}weights (bf16)": bf16 * n,
+        f"{prefix}gradients (bf16)": bf16 * n,
+        f"{prefix}fp32 master weights": fp32 * n,
+        f"{prefix}Adam m (fp32)": fp32 * n,
+        f"{prefix}Adam v (fp32)": fp32 * n,
+    }
+
+
+def full_finetune_memory(config):
+    """Full fine-tuning with mixed-precision Adam: 16 bytes for each of the N base parameters.
+
+    Llama-3.1-8B: 16 * 8,030,261,248 = 128,484,179,968 bytes = 128.48 GB. Activations excluded.
+    """
+    n = base_param_count(config)
+    return MemoryEstimate("full fine-tune", n, n, _adam_mixed_precision(n))
+
+
+def lora_memory(config, r, target_modules):
+    """LoRA: the frozen base in bf16 (2 bytes/param, no gradients, no optimizer state), plus
+    the P LoRA parameters under mixed-precision Adam (16 bytes/param).
+
+    total = 2 N + 16 P bytes. Activations excluded.
+    """
+    n = base_param_count(config)
+    p = lora_param_count(config, r, target_modules)
+    breakdown = {"frozen base weights (bf16)": BYTES_PER_PARAM["bf16"] * n}
+    breakdown.update(_adam_mixed_precision(p, prefix="LoRA "))
+    return MemoryEstimate("LoRA", n + p, p, breakdown)
+
+
+def qlora_memory(config, r, target_modules, double_quant=True):
+    """QLoRA: the frozen base with its decoder linear weights in NF4, plus LoRA under Adam.
+
+    Assumptions (as bitsandbytes' 4-bit loading does it, with blocksize 64):
+      - the weights of q, k, v, o, gate, up, down in every layer are NF4, at
+        nf4_bits_per_param(64, double_quant) bits each (4.127 with double quantisation);
+      - embed_tokens, lm_head, the RMSNorm weights and any biases stay in bf16;
+      - the P LoRA parameters take 16 bytes each, as in lora_memory (PEFT may keep them in
+        fp32 instead; paged optimizers, which move Adam state to CPU RAM, are not modelled).
+    total = N_lin * bits / 8 + 2 (N - N_lin) + 16 P bytes. Activations excluded.
+    """
+    n = base_param_count(config)
+    n_lin = decoder_linear_param_count(config)
+    p = lora_param_count(config, r, target_modules)
+    bits = nf4_bits_per_param(double_quant=double_quant)
+    breakdown = {
+        f"frozen linear weights (NF4, {bits:.4g} bits)": n_lin * bits / 8,
+        "frozen embeddings, lm_head, norms, biases (bf16)": BYTES_PER_PARAM["bf16"] * (n - n_lin),
+    }
+    breakdown.update(_adam_mixed_precision(p, prefix="LoRA "))
+    return MemoryEstimate("QLoRA", n + p, p, breakdown)

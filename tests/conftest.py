@@ -1,0 +1,43 @@
+"""Shared fixtures. Models are built from configs in code and seeded: nothing is downloaded."""
+
+import pytest
+
+
+def _quiet_transformers():
+    """No info/warning logs and no progress bars from transformers."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+TINY_LLAMA = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """A factory: make_tiny_llama(seed=0, **overrides) -> a fresh LlamaForCausalLM in eval mode.
+
+    The same seed gives the same weights, so two calls give two independent copies of
+    one base model. Sizes: hidden 32, 2 layers, 4 query heads of 8, 2 KV heads (k/v_proj
+    are 32 -> 16), MLP 32 -> 64 -> 32, vocabulary 64.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet_transformers()
+
+    def make(seed=0, **overrides):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_llama(make_tiny_llama):
+    """One tiny LlamaForCausalLM (seed 0), in eval mode."""
+    return make_tiny_llama()
