@@ -35,6 +35,7 @@ __all__ = [
     "lora_param_count", "lora_param_count_ignoring_gqa", "decoder_linear_param_count",
     "base_param_breakdown", "base_param_count", "adapter_bytes", "nf4_bits_per_param",
     "full_finetune_memory", "lora_memory", "qlora_memory",
+    "forward_macs", "materialise_crossover_tokens",
 ]
 
 # The seven linear layers of one decoder layer, in PEFT's names and in model order.
@@ -384,3 +385,36 @@ def qlora_memory(config, r, target_modules, double_quant=True):
     }
     breakdown.update(_adam_mixed_precision(p, prefix="LoRA "))
     return MemoryEstimate("QLoRA", n + p, p, breakdown)
+
+
+# ----------------------------------------------------------------------------- compute
+
+def forward_macs(T, d, k, r, how="factored"):
+    """Multiply-accumulates of one LoRA layer's forward pass over T tokens (x: (T, k)).
+
+    how="base":         x W0^T                          T d k
+    how="factored":     x W0^T + s (x A^T) B^T          T d k + T r k + T r d  =  T (d k + r (k + d))
+    how="materialised": form W0 + s B A, then x W^T     d r k + T d k
+    (the d k additions and scalings are O(d k + T d) and left out; one MAC is 2 FLOPs.)
+    """
+    for name, value in (("T", T), ("d", d), ("k", k)):
+        _checks.check_dim(name, value)
+    _checks.check_rank(r, d, k)
+    if how == "base":
+        return T * d * k
+    if how == "factored":
+        return T * (d * k + r * (k + d))
+    if how == "materialised":
+        return d * r * k + T * d * k
+    raise ValueError(f"how must be 'base', 'factored' or 'materialised', got how={how!r}")
+
+
+def materialise_crossover_tokens(d, k):
+    """Tokens T* above which forming B A once per forward costs fewer MACs than the bypass.
+
+    factored - materialised = T r (k + d) - d r k > 0   <=>   T > d k / (d + k) = T*,
+    independent of r (r cancels). For d = k, T* = d / 2.
+    """
+    _checks.check_dim("d", d)
+    _checks.check_dim("k", k)
+    return d * k / (d + k)

@@ -270,3 +270,33 @@ def test_lora_count_equals_peft_trainable_count(name, targets):
     assert everything == budget.base_param_count(cfg) + trainable
     if name == LLAMA_8B and targets == "all-linear":
         assert (trainable, everything) == (41_943_040, 8_072_204_288)
+
+
+# ----------------------------------------------------------------------------- forward cost
+
+@pytest.mark.parametrize("d, k, r", [(8, 8, 2), (16, 6, 3), (4096, 4096, 16)])
+def test_forward_macs_match_counted_matmuls(d, k, r):
+    """Each formula is the sum of the (m, n) @ (n, p) products it does: m n p MACs each."""
+    mm = lambda m, n, p: m * n * p
+    for T in (1, 7, 128):
+        assert budget.forward_macs(T, d, k, r, "base") == mm(T, k, d)
+        assert budget.forward_macs(T, d, k, r, "factored") == mm(T, k, d) + mm(T, k, r) + mm(T, r, d)
+        assert budget.forward_macs(T, d, k, r, "materialised") == mm(d, r, k) + mm(T, k, d)
+
+
+@pytest.mark.parametrize("d, k", [(1024, 1024), (4096, 1024), (4096, 14336)])
+def test_materialised_forward_is_cheaper_exactly_above_the_crossover(d, k):
+    t_star = budget.materialise_crossover_tokens(d, k)
+    for r in (1, 8, 64):
+        for T in range(max(1, int(t_star) - 3), int(t_star) + 4):
+            fac = budget.forward_macs(T, d, k, r, "factored")
+            mat = budget.forward_macs(T, d, k, r, "materialised")
+            assert (mat < fac) == (T > t_star), (T, t_star)
+    assert budget.materialise_crossover_tokens(4096, 4096) == 2048
+
+
+def test_forward_macs_bad_input():
+    with pytest.raises(ValueError, match=r"how must be 'base', 'factored' or 'materialised', got how='fused'"):
+        budget.forward_macs(1, 4, 4, 2, "fused")
+    with pytest.raises(ValueError, match=r"T must be a positive integer, got T=0"):
+        budget.forward_macs(0, 4, 4, 2)

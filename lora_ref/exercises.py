@@ -1,0 +1,146 @@
+"""Checkers for the book's exercises.
+
+Each checker computes the expected answer with ``lora_ref`` (never a number typed
+in), compares it with the reader's, and returns a ``Verdict``: it shows one line in a
+notebook, ``✓`` with the value or ``✗`` with a hint, and it is truthy only when
+the answer is right, so an instructor's test can ``assert`` on it.
+
+    from lora_ref import exercises as ex
+    ex.ch01_lora_params(answer=...)
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import budget
+from . import numpy as ln
+
+__all__ = [
+    "Verdict",
+    "check",
+    "ch01_lora_params",
+    "ch01_full_finetune_gb",
+    "ch01_rank_for_equal_size",
+    "ch02_forward_by_hand",
+    "ch02_crossover_tokens",
+    "ch02_bf16_spacing",
+]
+
+
+def _fmt(value):
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    arr = np.asarray(value)
+    return np.array2string(arr, precision=6, suppress_small=True) if arr.ndim else str(value)
+
+
+class Verdict:
+    """The outcome of a check: truthy when right; shows its one-line message in a notebook."""
+
+    def __init__(self, ok, message):
+        self.ok, self.message = bool(ok), message
+
+    def __bool__(self):
+        return self.ok
+
+    def __repr__(self):
+        return self.message
+
+
+def check(name, answer, expected, *, rtol=1e-9, atol=0.0, hint=""):
+    """Compare ``answer`` with ``expected`` (numbers or arrays, to rtol/atol) and return a Verdict."""
+    if answer is None or answer is ...:
+        return Verdict(False, f"… {name}: no answer yet. Replace `answer = None` with your computation.")
+    try:
+        a = np.asarray(answer, dtype=np.float64)
+        e = np.asarray(expected, dtype=np.float64)
+        ok = a.shape == e.shape and bool(np.allclose(a, e, rtol=rtol, atol=atol))
+    except (TypeError, ValueError):
+        ok = False
+    if ok:
+        return Verdict(True, f"✓ {name}: {_fmt(answer)} is right.")
+    return Verdict(False, f"✗ {name}: {_fmt(answer)} is not right. Hint: {hint}")
+
+
+# --------------------------------------------------------------------------- chapter 01
+
+
+def ch01_lora_params(answer, model="llama-3.1-70b", r=8, target_modules="attention"):
+    """LoRA trainable parameters of a shipped model for r and a target set."""
+    expected = budget.lora_param_count(budget.load_config(model), r, target_modules)
+    return check(
+        f"LoRA parameters of {model}, r={r}, {target_modules}", answer, expected, rtol=0,
+        hint="sum r (d_in + d_out) over the targeted projections of one layer, times num_hidden_layers; "
+        "k_proj and v_proj map hidden -> num_key_value_heads * head_dim.",
+    )
+
+
+def ch01_full_finetune_gb(answer, model="mistral-7b"):
+    """Memory of full fine-tuning with mixed-precision Adam, in GB (1e9 bytes), activations excluded."""
+    expected = budget.full_finetune_memory(budget.load_config(model)).gb
+    return check(
+        f"full fine-tuning memory of {model} in GB", answer, expected, rtol=5e-3,
+        hint="16 bytes per parameter (2 weights + 2 gradients + 4 master + 4 m + 4 v), "
+        "times base_param_count; GB means 1e9 bytes.",
+    )
+
+
+def ch01_rank_for_equal_size(answer, model="llama-3.1-8b", r_small=64, small="qv", large="all-linear"):
+    """The r on the `large` target set whose adapter has as many parameters as r_small on `small`."""
+    cfg = budget.load_config(model)
+    target = budget.lora_param_count(cfg, r_small, small)
+    per_rank = budget.lora_param_count(cfg, 1, large)          # the count is linear in r
+    expected = target / per_rank
+    return check(
+        f"r on {large} matching r={r_small} on {small} for {model}", answer, expected, rtol=1e-6,
+        hint="the count is linear in r: divide the small set's count by the large set's count at r = 1. "
+        "The answer need not be an integer.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 02
+
+WORKED_EXAMPLE = dict(
+    W0=np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]),   # (d, k) = (2, 3)
+    A=np.array([[1.0, 1.0, 0.0]]),                      # (r, k) = (1, 3)
+    B=np.array([[2.0], [-1.0]]),                        # (d, r) = (2, 1)
+    x=np.array([1.0, 2.0, 3.0]),                        # (k,)
+    alpha=2.0,
+    r=1,
+)
+
+
+def ch02_forward_by_hand(answer, x=(0.0, 1.0, -1.0)):
+    """y = W0 x + (alpha/r) B (A x) with the worked example's W0, A, B, alpha, r and a new input x."""
+    e = WORKED_EXAMPLE
+    x = np.asarray(x, dtype=np.float64)
+    expected = ln.lora_forward(x, e["W0"], e["A"], e["B"], ln.scaling(e["alpha"], e["r"]))
+    return check(
+        f"y for x = {x.tolist()}", answer, expected, rtol=0, atol=1e-12,
+        hint="first h = A x (one number), then W0 x, then add (alpha/r) * B h.",
+    )
+
+
+def ch02_crossover_tokens(answer, d=4096, k=11008):
+    """Tokens above which forming B A once costs fewer MACs than the bypass (any r)."""
+    expected = budget.materialise_crossover_tokens(d, k)
+    return check(
+        f"crossover T* for d={d}, k={k}", answer, expected, rtol=1e-6,
+        hint="set T r (d + k) = d r k and solve for T; r cancels.",
+    )
+
+
+def ch02_bf16_spacing(answer):
+    """Which spacing bounds bf16 rounding near 1.0? bf16 keeps 8 significant bits: the gap is 2^-7."""
+    expected = math.ldexp(1.0, -7)                             # spacing of bf16 numbers in [1, 2)
+    return check(
+        "the spacing of bf16 numbers in [1, 2)", answer, expected, rtol=0,
+        hint="bf16 has 7 stored mantissa bits (8 with the implicit one): numbers in [1, 2) are 2^-7 apart.",
+    )

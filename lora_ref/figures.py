@@ -1,0 +1,204 @@
+"""Plotly figures shared by the chapters: one theme, and sliders that run in the static book.
+
+A slider here never calls back into Python. Every step's traces are computed in
+advance and added to the figure; a step only switches which traces are visible
+and sets the title (``{"title.text": ...}``), so the figure works in the static
+HTML of the book exactly as in a live kernel.
+
+This module needs plotly (the ``book`` extra) and never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+
+__all__ = [
+    "COLORS", "themed", "stepped_figure", "log_axis", "show",
+    "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
+]
+
+# One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
+COLORS = {
+    "blue": "#0072B2",
+    "orange": "#E69F00",
+    "green": "#009E73",
+    "red": "#D55E00",
+    "purple": "#CC79A7",
+    "sky": "#56B4E9",
+    "yellow": "#F0E442",
+    "black": "#000000",
+}
+PALETTE = list(COLORS.values())
+
+
+def themed(fig, height=420):
+    """The book's look: white background, light grid, the palette above, compact margins."""
+    fig.update_layout(
+        template="plotly_white",
+        colorway=PALETTE,
+        height=height,
+        margin=dict(l=70, r=30, t=70, b=60),
+        font=dict(family="Helvetica, Arial, sans-serif", size=13),
+        title=dict(x=0.0, xanchor="left", font=dict(size=15)),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        hoverlabel=dict(namelength=-1),
+    )
+    return fig
+
+
+def stepped_figure(steps, slider_label, active=0, height=460, **layout):
+    """A figure with one slider whose steps switch between precomputed sets of traces.
+
+    steps: list of (label, traces, title), one per slider position; every step must
+    have the same number of traces, in the same roles (trace i of each step is drawn
+    the same way). layout: passed to ``fig.update_layout`` (axis titles with units!).
+    """
+    if not steps:
+        raise ValueError("stepped_figure needs at least one step")
+    n = len(steps[0][1])
+    if any(len(traces) != n for _, traces, _ in steps):
+        raise ValueError(f"every step must have {n} traces, got {[len(t) for _, t, _ in steps]}")
+    if not 0 <= active < len(steps):
+        raise ValueError(f"active={active} must index one of the {len(steps)} steps")
+    fig = go.Figure()
+    for i, (_, traces, _) in enumerate(steps):
+        for trace in traces:
+            trace.visible = i == active
+            fig.add_trace(trace)
+    slider_steps = []
+    for i, (label, _, title) in enumerate(steps):
+        visible = [j // n == i for j in range(n * len(steps))]
+        slider_steps.append(dict(method="update", label=str(label),
+                                 args=[{"visible": visible}, {"title.text": title}]))
+    fig.update_layout(
+        title_text=steps[active][2],
+        sliders=[dict(active=active, steps=slider_steps, pad=dict(t=50),
+                      currentvalue=dict(prefix=f"{slider_label} = ", font=dict(size=13)))],
+        **layout,
+    )
+    return themed(fig, height=height + 60)
+
+
+def log_axis(title, values, pad=0.15):
+    """A log axis with a fixed range over every slider step (so bars do not jump) and decade ticks."""
+    lo, hi = min(v for v in values if v > 0), max(values)
+    return dict(title=title, type="log", range=[math.log10(lo) - pad, math.log10(hi) + pad], dtick=1,
+                exponentformat="SI", minor=dict(showgrid=False))
+
+
+def show(fig):
+    """Display a figure in a notebook (the book build sets PLOTLY_RENDERER=notebook_connected)."""
+    fig.show(config={"displaylogo": False, "responsive": True})
+
+
+# --------------------------------------------------------------------------- chapter 01
+
+
+def lora_params_figure(configs, r_values, target_sets=("qv", "attention", "all-linear"), active_r=16):
+    """Trainable LoRA parameters per model and target set; the slider picks r.
+
+    configs: {model name: config dict}. Bars are computed by lora_ref.budget.
+    """
+    from . import budget
+
+    names = list(configs)
+    steps, all_counts = [], []
+    for r in r_values:
+        traces = []
+        for i, ts in enumerate(target_sets):
+            counts = [budget.lora_param_count(configs[n], r, ts) for n in names]
+            all_counts += counts
+            pct = [100 * c / budget.base_param_count(configs[n]) for n, c in zip(names, counts)]
+            traces.append(go.Bar(
+                x=names, y=counts, name=ts, marker_color=PALETTE[i], customdata=pct,
+                hovertemplate="%{x}<br>" + ts + ": %{y:,} trainable<br>%{customdata:.3f}% of the base<extra></extra>",
+            ))
+        big = max(names, key=lambda n: budget.base_param_count(configs[n]))
+        share = 100 * budget.lora_param_count(configs[big], r, target_sets[-1]) / budget.base_param_count(configs[big])
+        steps.append((r, traces, f"At r = {r}, LoRA on {target_sets[-1]} layers trains {share:.3g}% of {big}"))
+    return stepped_figure(
+        steps, "r", active=list(r_values).index(active_r), barmode="group",
+        xaxis_title="model", yaxis=log_axis("trainable parameters (count, log scale)", all_counts),
+    )
+
+
+def memory_figure(configs, r_values, target_modules="all-linear", active_r=16):
+    """Training memory (weights, gradients, Adam state; no activations) of full FT, LoRA, QLoRA; slider over r."""
+    from . import budget
+
+    names = list(configs)
+    full = [budget.full_finetune_memory(configs[n]).gb for n in names]
+    steps, all_gb = [], list(full)
+    for r in r_values:
+        lora = [budget.lora_memory(configs[n], r, target_modules).gb for n in names]
+        qlora = [budget.qlora_memory(configs[n], r, target_modules).gb for n in names]
+        all_gb += lora + qlora
+        traces = [
+            go.Bar(x=names, y=full, name="full fine-tuning", marker_color=COLORS["red"],
+                   hovertemplate="%{x}: %{y:.1f} GB<extra>full</extra>"),
+            go.Bar(x=names, y=lora, name="LoRA (bf16 base)", marker_color=COLORS["blue"],
+                   hovertemplate="%{x}: %{y:.1f} GB<extra>LoRA</extra>"),
+            go.Bar(x=names, y=qlora, name="QLoRA (NF4 base)", marker_color=COLORS["green"],
+                   hovertemplate="%{x}: %{y:.1f} GB<extra>QLoRA</extra>"),
+        ]
+        i = names.index(max(names, key=lambda n: budget.base_param_count(configs[n])))
+        steps.append((r, traces, f"At r = {r}, {names[i]} needs {full[i]:.0f} GB to fine-tune fully, "
+                                 f"{lora[i]:.0f} GB with LoRA, {qlora[i]:.0f} GB with QLoRA"))
+    return stepped_figure(
+        steps, "r", active=list(r_values).index(active_r), barmode="group",
+        xaxis_title="model", yaxis=log_axis("memory before activations (GB, log scale)", all_gb),
+    )
+
+
+# --------------------------------------------------------------------------- chapter 02
+
+
+def forward_cost_figure(T_values, times_ms, d, k, crossover):
+    """Measured forward time of the factored and the materialised layer against T; slider over r.
+
+    times_ms: {r: {"factored": [ms per T], "materialised": [...], "base": [...]}}.
+    crossover: T* = d k / (d + k), where the MAC counts cross, drawn as a vertical line.
+    """
+    styles = {
+        "base": dict(color=COLORS["black"], dash="dot"),
+        "factored": dict(color=COLORS["blue"]),
+        "materialised": dict(color=COLORS["orange"]),
+    }
+    labels = {"base": "base x W0ᵀ only", "factored": "factored: x W0ᵀ + s (x Aᵀ) Bᵀ",
+              "materialised": "materialised: x (W0 + s B A)ᵀ"}
+    steps = []
+    for r, series in times_ms.items():
+        traces = [go.Scatter(x=list(T_values), y=series[key], name=labels[key], mode="lines+markers",
+                             line=styles[key], hovertemplate="T=%{x}: %{y:.3g} ms<extra>" + key + "</extra>")
+                  for key in ("base", "factored", "materialised")]
+        ratio = [m / f for m, f in zip(series["materialised"], series["factored"])]
+        steps.append((r, traces, f"r = {r}: at T = {T_values[0]} the bypass is {ratio[0]:.1f}× faster "
+                                 f"than forming B A; at T = {T_values[-1]} the ratio is {ratio[-1]:.2f}×"))
+    fig = stepped_figure(
+        steps, "r", active=min(1, len(steps) - 1),
+        xaxis=dict(title="tokens T in one forward pass (log scale)", type="log"),
+        yaxis=log_axis("median time (ms, log scale)", [t for s in times_ms.values() for v in s.values() for t in v]),
+    )
+    fig.add_vline(x=crossover, line=dict(color=COLORS["purple"], dash="dash"),
+                  annotation_text=f"T* = dk/(d+k) = {crossover:g}", annotation_position="top left")
+    return fig
+
+
+def merge_error_figure(ratios, errors):
+    """Error of unmerge(merge(W0)) against W0 in each dtype, as the update grows.
+
+    ratios: values of ||s B A||_max / ||W0||_max; errors: {dtype name: [max |W0' - W0| per ratio]}.
+    """
+    fig = go.Figure()
+    for i, (name, errs) in enumerate(errors.items()):
+        fig.add_trace(go.Scatter(x=list(ratios), y=errs, name=name, mode="lines+markers",
+                                 marker_color=PALETTE[i],
+                                 hovertemplate="ratio %{x:.3g}: error %{y:.3g}<extra>" + name + "</extra>"))
+    fig.update_layout(
+        title_text="Merging then unmerging is exact in exact arithmetic, not in floating point",
+        xaxis=dict(title="size of the update, max|s B A| / max|W0| (log scale)", type="log"),
+        yaxis=dict(title="max |unmerge(merge(W0)) − W0| (log scale)", type="log", exponentformat="power"),
+    )
+    return themed(fig)
