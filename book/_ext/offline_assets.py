@@ -29,6 +29,9 @@ PLOTLY_CDN = re.compile(r"https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js")
 PLOTLY_MODULE_IMPORT = re.compile(r'<script type="module">import "https://cdn\.plot\.ly/plotly-[0-9.]+\.min"</script>')
 MATHJAX2_CDN = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]+"></script>')
 SRI = re.compile(r'(src="[^"]*_static/plotly\.min\.js")\s+integrity="[^"]*"\s+crossorigin="anonymous"')
+# sphinx-thebe's config script is written twice into each page by Jupyter Book 1, which makes
+# the second `const THEBE_JS_URL` a SyntaxError in the console; keep the first copy only.
+THEBE_CONFIG = re.compile(r"<script>const THEBE_JS_URL = [^<]*</script>\n?")
 EXTERNAL_ASSET = re.compile(r'<(?:script[^>]*\ssrc|link[^>]*rel="stylesheet"[^>]*\shref)="(https?:)?//([^"/]+)[^"]*"')
 
 
@@ -50,7 +53,20 @@ def _plotly_js():
     return path
 
 
+def _drop_repeats(pattern, html):
+    seen = []
+
+    def keep_first(m):
+        if m.group(0) in seen:
+            return ""
+        seen.append(m.group(0))
+        return m.group(0)
+
+    return pattern.sub(keep_first, html)
+
+
 def _rewrite(html, rel_static):
+    html = _drop_repeats(THEBE_CONFIG, html)
     html = PLOTLY_MODULE_IMPORT.sub("", html)
     html = MATHJAX2_CDN.sub("", html)
     html = PLOTLY_CDN.sub(f"{rel_static}/plotly.min.js", html)

@@ -1,0 +1,156 @@
+"""A real browser on the built book: figures draw, sliders change them, math renders, offline.
+
+Debian's chromium, driven by Playwright (never `playwright install`). The site in
+_build/html is served on 127.0.0.1 and every request to any other host is blocked
+and recorded, so a page that needs the internet fails here.
+
+Locally the test skips, loudly, when chromium is absent; under CI=true it fails.
+"""
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE = ROOT / "_build" / "html"
+CHROMIUM = "/usr/bin/chromium"
+# pydata-sphinx-theme logs this at every first visit (no saved light/dark choice); it is not ours.
+THEME_NOISE = re.compile(r"^Got invalid theme mode")
+
+
+def _chapter_pages():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    return [f for f in files if (ROOT / f"{f}.ipynb").exists()]
+
+
+CHAPTERS = _chapter_pages()
+
+
+@pytest.fixture(scope="module")
+def site_url():
+    if not (SITE / "index.html").exists():
+        pytest.fail(f"no built book at {SITE}: run 'make book' first")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        message = f"chromium not found at {CHROMIUM}: install it with 'apt-get install -y chromium'"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        print(f"\n\n*** SKIPPING THE BROWSER TEST: {message} ***\n")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, site_url):
+    context = browser.new_context(viewport={"width": 1300, "height": 1000})
+    pg = context.new_page()
+    pg.blocked, pg.errors = [], []
+
+    def route(r):
+        if r.request.url.startswith(site_url):
+            r.continue_()
+        else:
+            pg.blocked.append(r.request.url)
+            r.abort()
+
+    pg.route("**/*", route)
+    pg.on("console", lambda m: m.type == "error" and not THEME_NOISE.search(m.text) and pg.errors.append(m.text))
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def _open(page, site_url, chapter):
+    page.goto(f"{site_url}/{chapter}.html", wait_until="load")
+    page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20_000)
+    page.evaluate("MathJax.startup.promise")
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('.plotly-graph-div')).every(g => g._fullLayout && g.querySelector('.main-svg'))",
+        timeout=20_000,
+    )
+
+
+def test_the_book_has_chapters():
+    assert len(CHAPTERS) >= 2, CHAPTERS
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_page_works_offline_with_math_and_figures(page, site_url, chapter):
+    _open(page, site_url, chapter)
+    n_math = page.locator("mjx-container").count()
+    assert n_math > 0, "MathJax rendered no equation"
+    assert page.locator(".math").count() == 0 or page.locator("mjx-merror").count() == 0, "MathJax reports a TeX error"
+    if "notebooks/" in chapter:
+        assert page.locator(".plotly-graph-div").count() >= 1, "a chapter without a figure"
+    drawn = page.evaluate(
+        "Array.from(document.querySelectorAll('.plotly-graph-div')).map(g => g._fullData.length > 0 && "
+        "g.querySelectorAll('.main-svg .trace').length > 0)"
+    )
+    assert all(drawn), f"figures that did not draw: {drawn}"
+    assert page.blocked == [], f"the page asked other hosts for: {sorted(set(page.blocked))[:5]}"
+    assert page.errors == [], f"console errors: {page.errors[:5]}"
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c.startswith("notebooks/")])
+def test_moving_each_slider_changes_the_figure(page, site_url, chapter):
+    _open(page, site_url, chapter)
+    graphs = page.locator(".plotly-graph-div")
+    n_sliders = 0
+    for i in range(graphs.count()):
+        g = graphs.nth(i)
+        if not g.evaluate("g => (g._fullLayout.sliders || []).length"):
+            continue
+        n_sliders += 1
+        state = "g => [g._fullData.filter(t => t.visible === true).map(t => t.index).join(','), g._fullLayout.title.text]"
+        before = g.evaluate(state)
+        g.scroll_into_view_if_needed()
+        rail = g.locator(".slider-rail-rect").first.bounding_box()
+        active = g.evaluate("g => g._fullLayout.sliders[0].active")
+        n_steps = g.evaluate("g => g._fullLayout.sliders[0].steps.length")
+        assert n_steps > 1, "a slider with one step"
+        target = 0 if active > 0 else n_steps - 1            # a step other than the current one: an end
+        x = rail["x"] + 2 if target == 0 else rail["x"] + rail["width"] - 2
+        page.mouse.click(x, rail["y"] + rail["height"] / 2)  # a real click on the rail
+        page.wait_for_timeout(300)
+        after = g.evaluate(state)
+        assert g.evaluate("g => g._fullLayout.sliders[0].active") == target
+        assert after[0] != before[0], "the slider did not change which traces are drawn"
+        assert after[1] != before[1], "the slider did not change the title"
+    assert n_sliders >= 1, "a chapter without a slider"
+    assert page.errors == [], page.errors[:5]
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c.startswith("notebooks/")])
+def test_chapter_links_to_its_notebook_in_colab(page, site_url, chapter):
+    _open(page, site_url, chapter)
+    hrefs = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
+    assert any(h.endswith(f"/blob/main/{chapter}.ipynb") for h in hrefs), hrefs
