@@ -178,7 +178,7 @@ def forward_cost_figure(T_values, times_ms, d, k, crossover):
                                  f"than forming B A; at T = {T_values[-1]} the ratio is {ratio[-1]:.2f}×"))
     fig = stepped_figure(
         steps, "r", active=min(1, len(steps) - 1),
-        xaxis=dict(title="tokens T in one forward pass (log scale)", type="log"),
+        xaxis=log_axis("tokens T in one forward pass (log scale)", list(T_values)),
         yaxis=log_axis("median time (ms, log scale)", [t for s in times_ms.values() for v in s.values() for t in v]),
     )
     fig.add_vline(x=crossover, line=dict(color=COLORS["purple"], dash="dash"),
@@ -196,9 +196,10 @@ def merge_error_figure(ratios, errors):
         fig.add_trace(go.Scatter(x=list(ratios), y=errs, name=name, mode="lines+markers",
                                  marker_color=PALETTE[i],
                                  hovertemplate="ratio %{x:.3g}: error %{y:.3g}<extra>" + name + "</extra>"))
+    nonzero = [e for errs in errors.values() for e in errs if e > 0]
     fig.update_layout(
-        title_text="Merging then unmerging is exact in exact arithmetic, not in floating point",
-        xaxis=dict(title="size of the update, max|s B A| / max|W0| (log scale)", type="log"),
-        yaxis=dict(title="max |unmerge(merge(W0)) − W0| (log scale)", type="log", exponentformat="power"),
+        title_text="Merge then unmerge misses W0 by up to one rounding step of W (exact zeros are not drawn)",
+        xaxis=log_axis("size of the update, max|s B A| / max|W0| (log scale)", list(ratios)),
+        yaxis=dict(log_axis("max |unmerge(merge(W0)) − W0| (log scale)", nonzero), exponentformat="power"),
     )
     return themed(fig)
