@@ -31,6 +31,7 @@ __all__ = [
     "lora_grads",
     "LoRALinear",
     "add_lora",
+    "replace_linears",
     "merge_lora",
     "lora_modules",
 ]
@@ -277,9 +278,20 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="k
 
     ``target_modules`` is a list of name suffixes, as in PEFT (``["q_proj", "v_proj"]``),
     or "all-linear" (every nn.Linear but the output layer). Every parameter of the
-    model is frozen except the new A and B. The model is changed in place and returned.
+    model is frozen except the new A and B (and those of LoRA layers already there).
+    The model is changed in place and returned.
     """
     _checks.check_finite_scalar("alpha", alpha)
+    return replace_linears(model, target_modules, r,
+                           lambda linear: LoRALinear(linear, r, alpha, dropout, rslora, init))
+
+
+def replace_linears(model, target_modules, r, make_layer):
+    """Swap the targeted nn.Linear layers for ``make_layer(linear)``, a LoRA layer of rank r.
+
+    r is checked against every target before anything changes, so a failure leaves the
+    model as it was. All parameters are frozen except the LoRA factors (old and new).
+    """
     _checks.check_rank(r)
     names = _target_names(model, target_modules)
     for name in names:                                          # validate every r first:
@@ -291,7 +303,7 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="k
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora, init))
+        setattr(parent, child, make_layer(getattr(parent, child)))
     return model
 
 
