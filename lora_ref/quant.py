@@ -1,0 +1,552 @@
+"""QLoRA's 4-bit NormalFloat (NF4) in plain PyTorch, byte for byte as bitsandbytes stores it.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314, Sec. 3) keeps the frozen base weights in 4 bits:
+
+    W0: (d, k)  ->  flatten to w: (n,), n = d k  ->  blocks of B = 64 weights (the last may be partial)
+    c_b  = max_i |w_bi|                           absmax of block b: the fp32 quantisation constant
+    q_bi = nearest j to w_bi / c_b among v_0..v_15  v = the 16 NF4 levels in [-1, 1]
+    w_bi ~ v[q_bi] * c_b                          dequantisation
+
+Storage per weight: 4 bits of code + 32/B bits of constant = 4.5 bits at B = 64.
+Double quantisation stores the constants c in 8 bits (blocks of 256, after subtracting
+their mean), so the overhead falls to 8/64 + 32/(64*256) and the total to ~4.127 bits.
+
+Byte layout, as bitsandbytes 0.50 (``bitsandbytes.functional.quantize_4bit``) writes it:
+  - codes are the indices 0..15 into the sorted codebook; code 7 is the exact zero;
+  - two codes per uint8, the FIRST element of each pair in the HIGH nibble:
+    byte = (q[2i] << 4) | q[2i + 1];
+  - an odd number of elements pads the last LOW nibble with code 7 (bitsandbytes pads the
+    scaled values with a 0.0 before bucketing, and 0 falls in the bucket of the zero level);
+  - packed holds ceil(n/2) bytes and absmax ceil(n/B) fp32 values (bitsandbytes' packed
+    tensor has shape (ceil(n/2), 1); here it is flat).
+
+The layer ``NF4LoRALinear`` is ``lora_ref.torch.LoRALinear`` with its ``nn.Linear`` base
+replaced by an ``NF4Linear`` that dequantises W0 on the fly: the same lora_A (r, k),
+lora_B (d, r), scaling and forward y = base(x) + s B (A dropout(x)).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from . import budget as _budget
+from . import torch as _lt
+
+__all__ = [
+    "NF4_OFFSET",
+    "QLORA_OFFSET",
+    "nf4_codebook",
+    "dynamic_map",
+    "fp4_codebook",
+    "int4_codebook",
+    "fake_quantize",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "DoubleQuant",
+    "double_quantize_absmax",
+    "dequantize_absmax",
+    "bits_per_param",
+    "NF4Linear",
+    "NF4LoRALinear",
+    "quantize_model_nf4",
+    "nf4_merge",
+]
+
+# The outermost quantile of NF4. The paper's value is the mean of 1 - 1/(2*15) and
+# 1 - 1/(2*16) (half a bin in from 1 for 15 and for 16 bins):
+QLORA_OFFSET = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))       # 0.96770833...
+# bitsandbytes writes it as the literal 0.9677083 (create_normal_map's default). In float32
+# the two are neighbouring numbers (0.96770835 vs 0.96770829), and the codebooks they give
+# differ by up to 3e-7. We use bitsandbytes' literal so that our levels, midpoints and
+# therefore bytes are exactly theirs.
+NF4_OFFSET = 0.9677083
+
+_NF4_ZERO_CODE = 7            # index of the exact 0 in the sorted codebook: 7 negative levels before it
+_ABSMAX_FLOOR = 1e-38         # bitsandbytes divides by max(c, 1e-38): a zero block gives 0 * 1e38 = 0, not nan
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+
+def nf4_codebook(offset=NF4_OFFSET):
+    """The 16 NF4 levels, float32 (16,), sorted, in [-1, 1], with an exact 0 (QLoRA, Sec. 3).
+
+    NF4 is a lookup table of normal quantiles, not a float format. With 4 bits there are
+    16 codes; a symmetric grid (v, -v) has an even number of levels and so no exact zero,
+    but zero must be exact (zero-padded inputs, pruned or tiny weights). QLoRA's answer is
+    an asymmetric grid:
+        8 positive levels  Phi^-1(p), p = linspace(offset, 1/2, 9)[:-1]   (9 points, drop 1/2)
+        7 negative levels -Phi^-1(p), p = linspace(offset, 1/2, 8)[:-1]   (8 points, drop 1/2)
+        1 exact zero                                                      8 + 7 + 1 = 16
+    then all divided by the largest, Phi^-1(offset), so the ends are -1 and +1.
+    Phi^-1 is the standard normal quantile (``torch.special.ndtri``, equal to
+    ``scipy.stats.norm.ppf`` to float64 precision, so scipy is not needed at run time).
+
+    The steps follow bitsandbytes' ``create_normal_map(offset=0.9677083, use_extra_value=True)``
+    exactly (float32 linspace, float64 quantiles, float32 normalisation), so the result
+    equals ``bitsandbytes.functional.get_4bit_type("nf4")`` bit for bit.
+    """
+    _checks.check_finite_scalar("offset", offset)
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must be a probability in (0.5, 1), got offset={offset}")
+    p_pos = torch.linspace(offset, 0.5, 9)[:-1].double()           # (8,) float32 points, as bitsandbytes
+    p_neg = torch.linspace(offset, 0.5, 8)[:-1].double()           # (7,)
+    pos = torch.special.ndtri(p_pos)                                # (8,)  Phi^-1(p) > 0
+    neg = -torch.special.ndtri(p_neg)                               # (7,)  < 0
+    zero = torch.zeros(1, dtype=torch.float64)                      # (1,)  the exact zero
+    v = torch.cat([neg, zero, pos]).float().sort().values          # (16,) float32, ascending
+    return v / v.max()                                              # normalise: v_15 = 1, v_0 = -1
+
+
+def dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+    """bitsandbytes' 8-bit "dynamic" map, float32 (256,), sorted (Dettmers 2015, arXiv:1511.04561).
+
+    This is the codebook of the nested quantisation of the absmax constants
+    (``quantize_blockwise``'s default: ``create_dynamic_map(signed=True)``). Each level is
+    10^e * m: for the exponents e = -6..0 (i = 0..6) there are 2^i mantissas m, the midpoints
+    of linspace(0.1, 1, 2^i + 1) (float32), each with both signs, plus 0 and 1:
+    2 * (1 + 2 + ... + 64) + 2 = 256 levels, dense near zero and sparse near +-1.
+    Written with the same float32 operations as bitsandbytes, so it equals theirs bit for bit.
+    """
+    non_sign_bits = total_bits - 1
+    data = []
+    for i in range(max_exponent_bits):
+        scale = 10 ** (i - (max_exponent_bits - 1))                 # 1e-6, 1e-5, ..., 1e0
+        bits = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        bounds = torch.linspace(0.1, 1, 2**bits + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0                     # (2^bits,) float32 mantissas in (0.1, 1)
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1             # 0 for the default 8-bit map
+    if extra > 0:                                                   # levels of the top exponent, as bitsandbytes
+        bounds = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += means.tolist()
+        if signed:
+            data += (-means).tolist()
+    data += [0.0, 1.0]
+    if len(data) > 2**total_bits:
+        raise ValueError(
+            f"max_exponent_bits={max_exponent_bits}, signed={signed} give {len(data)} levels, "
+            f"more than the 2^{total_bits} codes of total_bits={total_bits}"
+        )
+    data += [0.0] * (2**total_bits - len(data))                     # unused codes (never for the default map)
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def fp4_codebook():
+    """bitsandbytes' FP4 levels, float32 (15,), sorted, in [-1, 1]: a tiny float, not quantiles.
+
+    One sign bit, two exponent bits and one mantissa bit (E2M1). bitsandbytes' magnitudes are
+    0, 0.0625 (the subnormal), 2, 3, 4, 6, 8, 12, i.e. 2^e * (1 + m/2) for e = 1..3 and the
+    subnormal, divided by the largest, 12. +0 and -0 are the same level, so 15 distinct values.
+    """
+    mags = torch.tensor([0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]) / 12.0   # (8,)
+    return torch.cat([-mags[1:], mags]).sort().values                          # (15,)
+
+
+def int4_codebook():
+    """Symmetric absmax int4, float32 (15,): the levels j/7 for j = -7..7 (code -8 unused).
+
+    Evenly spaced, as round(7 x / c) / 7 gives them: the uniform grid NF4 is compared with.
+    """
+    return torch.arange(-7, 8, dtype=torch.float32) / 7.0
+
+
+def fake_quantize(w, codebook, blocksize=64):
+    """Quantise and dequantise w blockwise with any sorted codebook in [-1, 1]: the round trip.
+
+    Per block b of ``blocksize`` elements: c_b = max |w_b|, each w_bi goes to the nearest level
+    v_j of w_bi / c_b, and comes back as v_j c_b. With ``nf4_codebook()`` this equals
+    dequantize_nf4(*quantize_nf4(w)) (up to bitsandbytes' partial-block rounding quirk).
+    Returns a float32 tensor of w's shape.
+    """
+    _check_float_tensor("w", w)
+    _check_blocksize(blocksize)
+    _lt._check_finite_tensor("w", w)
+    code = codebook.float().reshape(-1)
+    if code.numel() < 2 or not bool((code[1:] > code[:-1]).all()):
+        raise ValueError(f"codebook must be strictly increasing with >= 2 levels, got {code.tolist()}")
+    x = w.detach().reshape(-1).float()                               # (n,)
+    n = x.numel()
+    n_blocks = _n_blocks(n, blocksize)
+    blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
+    c = blocks.abs().amax(dim=1, keepdim=True).clamp_min(_ABSMAX_FLOOR)          # (n_blocks, 1)  c_b
+    j = torch.bucketize(blocks * (1.0 / c), _midpoints(code))       # nearest level of w / c
+    return (code[j] * c).reshape(-1)[:n].view(w.shape)              # v_j c_b
+
+
+_CACHE = {}
+
+
+def _cached(name, device, build):
+    """Small constant tables (codebooks, midpoints, lookup tables), built once per device."""
+    key = (name, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = build().to(device)
+    return _CACHE[key]
+
+
+def _midpoints(code):
+    """Bucket edges of a sorted codebook: (v_j + v_{j+1}) / 2 in float32, (len - 1,).
+
+    torch.bucketize(x, edges) (right=False) returns the j with edges[j-1] < x <= edges[j]: the
+    nearest level, a tie going to the lower one. bitsandbytes 0.50 quantises NF4 this way,
+    on x * (1 / c); argmin |x - v_j| or x / c can land on the other side of an edge.
+    """
+    return (code[:-1] + code[1:]) / 2
+
+
+def _nf4_tables(device):
+    """(midpoints (15,), byte table (256,) int64) of NF4 on ``device``.
+
+    The byte table decodes a whole packed byte b at once: its row is the pair
+    (v[b >> 4], v[b & 15]) of float32 values, first element from the high nibble, stored as
+    ONE 8-byte word (a (256, 2) float32 table viewed as int64). Gathering 8-byte words from
+    a 1-D table is a tight loop, about twice as fast on CPU as gathering 2-float rows; the
+    words are only copied, never read as integers, so viewing the result as float32 gives
+    back the pairs exactly.
+    """
+    mids = _cached("nf4-mid", device, lambda: _midpoints(nf4_codebook()))
+    words = _cached("nf4-byte", device, lambda: torch.stack(
+        [nf4_codebook().repeat_interleave(16), nf4_codebook().repeat(16)], dim=1   # (256, 2) float32
+    ).contiguous().view(torch.int64).view(-1))                                      # (256,) 8-byte words
+    return mids, words
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_blocksize(blocksize, name="blocksize"):
+    _checks.check_dim(name, blocksize)
+
+
+def _check_float_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_shape(shape):
+    """shape: a tuple of non-negative ints with at least one element in all."""
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of ints, got shape={shape!r}") from None
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape must hold non-negative integers, got shape={shape}")
+    n = math.prod(shape)
+    if n == 0:
+        raise ValueError(f"shape={shape} has no elements: there is nothing to dequantise")
+    return tuple(int(s) for s in shape), n
+
+
+def _n_blocks(n, blocksize):
+    return -(-n // blocksize)                                       # ceil(n / blocksize)
+
+
+# ----------------------------------------------------------------------------- NF4
+
+
+def quantize_nf4(w, blocksize=64):
+    """Blockwise NF4 quantisation of a tensor of any shape -> (packed, absmax).
+
+    w: any shape, n elements, float16/bfloat16/float32 (float64 is rounded to float32 first).
+    packed: uint8 (ceil(n/2),)  two 4-bit codes per byte, the first in the high nibble;
+            an odd n pads the last low nibble with code 7 (the zero level), as bitsandbytes.
+    absmax: float32 (ceil(n/blocksize),)  c_b = max |w| over block b; 0 for an all-zero block.
+
+    Per block: x = w_b * (1 / c_b), then the code is the bucket of x among the float32
+    midpoints of the codebook (nearest level). This reproduces bitsandbytes 0.50's bytes
+    exactly, including its one quirk: the last, partial block is divided, x = w / c, not
+    multiplied by 1 / c (the two can differ by one rounding and so, rarely, by one code).
+    Where bitsandbytes stores 1e-38 as the absmax of an all-zero partial block, this stores 0.
+    """
+    _check_float_tensor("w", w)
+    _check_blocksize(blocksize)
+    if w.numel() == 0:
+        raise ValueError(f"w has no elements (shape {tuple(w.shape)}): there is nothing to quantise")
+    _lt._check_finite_tensor("w", w)
+    x = w.detach().reshape(-1).float()                               # (n,)
+    n = x.numel()
+    n_blocks = _n_blocks(n, blocksize)
+    rem = n % blocksize                                             # elements in a partial last block
+    blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)                               # (n_blocks,)  c_b
+    safe = absmax.clamp_min(_ABSMAX_FLOOR)
+    scaled = blocks * (1.0 / safe).unsqueeze(1)                     # (n_blocks, blocksize)  w / c in [-1, 1]
+    if rem:
+        scaled[-1] = blocks[-1] / safe[-1]                          # bitsandbytes divides the partial block
+    mids, _ = _nf4_tables(x.device)
+    codes = torch.bucketize(scaled.reshape(-1)[:n], mids, out_int32=True).to(torch.uint8)   # (n,) in 0..15
+    codes = F.pad(codes, (0, n % 2), value=_NF4_ZERO_CODE)         # (2 ceil(n/2),)  pad nibble = code 7
+    packed = (codes[0::2] << 4) | codes[1::2]                       # (ceil(n/2),)  first element: high nibble
+    return packed, absmax
+
+
+def _check_packed(packed, absmax, n, blocksize, shape):
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 tensor of 4-bit code pairs, got {got}")
+    _check_float_tensor("absmax", absmax)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but shape={shape} has n={n} elements, "
+            f"which pack into ceil(n/2) = {(n + 1) // 2} bytes"
+        )
+    if absmax.numel() != _n_blocks(n, blocksize):
+        raise ValueError(
+            f"absmax has {absmax.numel()} values but n={n} elements (shape={shape}) in blocks of "
+            f"blocksize={blocksize} make ceil(n/blocksize) = {_n_blocks(n, blocksize)} blocks"
+        )
+
+
+def dequantize_nf4(packed, absmax, shape, blocksize=64):
+    """(packed, absmax) -> float32 tensor of ``shape``: w_bi = v[q_bi] * c_b.
+
+    packed: uint8 with ceil(n/2) elements (any shape, e.g. bitsandbytes' (ceil(n/2), 1));
+    absmax: ceil(n/blocksize) constants. One float32 product per element, as bitsandbytes'
+    kernels, so the result equals ``bitsandbytes.functional.dequantize_4bit`` exactly. (One
+    exception, a bitsandbytes 0.50 bug: its fused CPU kernel mis-scales 2-D shapes whose last
+    dimension is a multiple of 16 but not of the blocksize, e.g. (8, 32); this function equals
+    bitsandbytes' own reference path there.)
+
+    Decoding gathers one table entry (v[b >> 4], v[b & 15]) per packed byte b, then scales
+    each block by its c_b in place.
+    """
+    _check_blocksize(blocksize)
+    shape, n = _check_shape(shape)
+    _check_packed(packed, absmax, n, blocksize, shape)
+    _, words = _nf4_tables(packed.device)
+    idx = packed.reshape(-1).to(torch.int32)                        # (ceil(n/2),)  byte values 0..255
+    pairs = torch.index_select(words, 0, idx)                       # (ceil(n/2),)  int64 words
+    out = pairs.view(torch.float32)[:n]                             # (n,)  v[q]: both nibbles of each byte
+    c = absmax.reshape(-1).float()                                  # (n_blocks,)
+    full = n - n % blocksize
+    out[:full].view(-1, blocksize).mul_(c[: full // blocksize].unsqueeze(1))   # (n_full, blocksize) * c_b
+    if full < n:
+        out[full:].mul_(c[-1])                                      # the partial last block
+    return out.view(shape)
+
+
+# ----------------------------------------------------------------------------- double quantisation
+
+
+class DoubleQuant(NamedTuple):
+    """The absmax constants in 8 bits (QLoRA's double quantisation).
+
+    codes:  uint8 (n_blocks,)              index into ``dynamic_map()`` of (c_b - offset) / s_g
+    scales: float32 (ceil(n_blocks/256),)  s_g = max |c_b - offset| over group g of 256 constants
+    offset: float32 scalar                 the mean of the c_b (they are all > 0, so centring them
+                                           uses the signed map's both halves)
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offset: torch.Tensor
+
+
+def double_quantize_absmax(absmax, blocksize=256):
+    """Quantise the fp32 absmax constants to 8 bits: DoubleQuant(codes, scales, offset).
+
+        offset = mean(c);  c' = c - offset                       (centre: c > 0 would waste the sign)
+        s_g = max |c'| over each group of ``blocksize`` = 256    (second-level fp32 constants)
+        code = nearest level of dynamic_map() to c' * (1 / s_g)  (exact nearest, ties to the lower)
+
+    As ``bitsandbytes.functional.quantize_4bit(..., compress_statistics=True)``: same map, same
+    offset (``absmax.mean()``) and same scales s_g. The codes are exact-nearest; bitsandbytes 0.50's
+    CPU kernel picks a farther level for about 0.1-0.25% of the constants of Gaussian weights: a
+    neighbour of the nearest, or, near 0 where the map's levels are 1e-6 apart, up to 4 codes off
+    (the tests bound how many differ, and both reconstruction errors).
+    """
+    _check_float_tensor("absmax", absmax)
+    _check_blocksize(blocksize)
+    if absmax.numel() == 0:
+        raise ValueError("absmax has no elements: there are no constants to quantise")
+    _lt._check_finite_tensor("absmax", absmax)
+    c = absmax.detach().reshape(-1).float()                          # (n_blocks,)
+    offset = c.mean()                                               # scalar, float32
+    centred = c - offset                                            # (n_blocks,)
+    m = c.numel()
+    groups = _n_blocks(m, blocksize)
+    g = F.pad(centred, (0, groups * blocksize - m)).view(groups, blocksize)   # (groups, 256)
+    scales = g.abs().amax(dim=1)                                    # (groups,)  s_g
+    x = g * (1.0 / scales.clamp_min(_ABSMAX_FLOOR)).unsqueeze(1)    # (groups, 256) in [-1, 1]
+    dmid = _cached("dynamic-mid", c.device, lambda: _midpoints(dynamic_map()))
+    codes = torch.bucketize(x.reshape(-1)[:m], dmid, out_int32=True).to(torch.uint8)   # (n_blocks,)
+    return DoubleQuant(codes, scales, offset)
+
+
+def dequantize_absmax(codes, scales, offset, blocksize=256):
+    """DoubleQuant -> float32 absmax (n_blocks,):  c_b ~ map[code_b] * s_g + offset."""
+    _check_blocksize(blocksize)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    _check_float_tensor("scales", scales)
+    m = codes.numel()
+    if scales.numel() != _n_blocks(m, blocksize):
+        raise ValueError(
+            f"scales has {scales.numel()} values but {m} codes in groups of blocksize={blocksize} "
+            f"need ceil({m}/{blocksize}) = {_n_blocks(m, blocksize)}"
+        )
+    dmap = _cached("dynamic", codes.device, dynamic_map)
+    v = dmap[codes.reshape(-1).long()]                              # (m,)  map[code]
+    groups = scales.numel()
+    v = F.pad(v, (0, groups * blocksize - m)).view(groups, blocksize) * scales.float().reshape(-1, 1)
+    return v.reshape(-1)[:m] + torch.as_tensor(offset, dtype=torch.float32, device=codes.device)
+
+
+def bits_per_param(blocksize=64, double_quant=False, dq_blocksize=256):
+    """Bits per weight of NF4 storage: 4 + 32/B, or 4 + 8/B + 32/(256 B) with double quantisation.
+
+    The count is ``lora_ref.budget.nf4_bits_per_param``'s (one place for the formula); the
+    tests check it against the byte sizes of bitsandbytes' packed tensor and QuantState.
+    """
+    return _budget.nf4_bits_per_param(blocksize, double_quant=double_quant, dq_blocksize=dq_blocksize)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight W0: (d, k) is stored as NF4.
+
+    Buffers: ``packed`` uint8 (ceil(dk/2),) and ``absmax`` float32 (ceil(dk/B),), which stays
+    float32 under ``.to(dtype)``; ``bias`` (d,) is kept as a frozen parameter. The forward pass dequantises W0 to the
+    compute dtype (``compute_dtype``, or the input's dtype when None) and calls F.linear:
+    y = x W0q^T + b, with W0q = dequantize_nf4(...). Nothing here is trained.
+    """
+
+    def __init__(self, packed, absmax, in_features, out_features, bias=None, blocksize=64, compute_dtype=None):
+        super().__init__()
+        _checks.check_dim("in_features", in_features)
+        _checks.check_dim("out_features", out_features)
+        _check_blocksize(blocksize)
+        n = in_features * out_features
+        _check_packed(packed, absmax, n, blocksize, (out_features, in_features))
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (out_features,) = ({out_features},)")
+        if compute_dtype is not None:
+            compute_dtype = _lt._dtype(compute_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.compute_dtype = blocksize, compute_dtype
+        self.register_buffer("packed", packed.detach().reshape(-1).clone())
+        self.register_buffer("absmax", absmax.detach().reshape(-1).float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear, blocksize=64, compute_dtype=None):
+        """Quantise an nn.Linear's weight (d, k) to NF4; the bias is copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear takes an nn.Linear, got {type(linear).__name__}")
+        packed, absmax = quantize_nf4(linear.weight, blocksize)
+        return cls(packed, absmax, linear.in_features, linear.out_features, linear.bias, blocksize, compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype), .half() etc. cast every floating buffer; the NF4 constants stay
+        # float32 (bitsandbytes keeps them outside the module, in its QuantState): only their
+        # device follows. The bias is cast like any parameter.
+        absmax = self.absmax
+        super()._apply(fn, recurse)
+        if self.absmax.dtype != torch.float32:
+            self.absmax = absmax.to(self.absmax.device)
+        return self
+
+    @property
+    def shape(self):
+        """The shape of W0: (out_features, in_features) = (d, k)."""
+        return (self.out_features, self.in_features)
+
+    def dequantize(self, dtype=torch.float32):
+        """W0q: (d, k), the weight the layer computes with."""
+        return dequantize_nf4(self.packed, self.absmax, self.shape, self.blocksize).to(dtype)
+
+    def forward(self, x):
+        dtype = self.compute_dtype or x.dtype
+        W = self.dequantize(dtype)                                  # (d, k)  dequantised on the fly
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), W, b).to(x.dtype)              # (..., d)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}")
+
+
+class NF4LoRALinear(_lt.LoRALinear):
+    """QLoRA's layer: a frozen NF4 base plus a trainable LoRA bypass in higher precision.
+
+        y = NF4Linear(x) + s * B (A dropout(x)) = x W0q^T + b + s (x A^T) B^T
+
+    Built from an ``nn.Linear``: it is ``lora_ref.torch.LoRALinear`` (same checks, same
+    ``lora_A`` (r, k) / ``lora_B`` (d, r) init from torch's global generator, same ``scaling``
+    and forward), with ``base_layer`` then replaced by ``NF4Linear.from_linear``. The fp32
+    copy of W0 is not kept. Only lora_A and lora_B require gradients.
+
+    merge() and unmerge() re-quantise (see ``nf4_merge``): unlike LoRALinear's, they are lossy.
+    """
+
+    def __init__(self, base_layer, r, alpha, dropout=0.0, rslora=False, init="kaiming",
+                 blocksize=64, compute_dtype=None):
+        super().__init__(base_layer, r, alpha, dropout, rslora, init)    # checks, A, B, scaling
+        self.base_layer = NF4Linear.from_linear(base_layer, blocksize, compute_dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """base <- NF4(W0q + s B A): the bypass is folded in and switched off (re-quantised)."""
+        if not self.merged:
+            self._set_nf4(*nf4_merge(self))
+            self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """base <- NF4(Wq - s B A): the bypass is switched back on. Two roundings from W0q."""
+        if self.merged:
+            self._set_nf4(*nf4_merge(self, sign=-1.0))
+            self.merged = False
+        return self
+
+    def _set_nf4(self, packed, absmax):
+        self.base_layer.packed.copy_(packed)
+        self.base_layer.absmax.copy_(absmax)
+
+
+@torch.no_grad()
+def nf4_merge(layer, sign=1.0):
+    """Merging after QLoRA: (packed, absmax) of NF4(W0q + sign * s B A), from an NF4LoRALinear.
+
+    W0q is the dequantised base (fp32); the sum is re-quantised blockwise with the layer's
+    blocksize. The result is NOT W0q + s B A: each weight moves to its nearest NF4 level,
+    an error of up to half a level gap times c_b, comparable to the size of s B A itself for a
+    small adapter. The layer is not changed (``layer.merge()`` stores the result).
+    """
+    if not isinstance(layer, NF4LoRALinear):
+        raise TypeError(f"nf4_merge takes an NF4LoRALinear, got {type(layer).__name__}")
+    base = layer.base_layer
+    W = base.dequantize(torch.float32)                              # (d, k)  W0q
+    A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+    W = W + sign * _lt.delta_w(A, B, layer.scaling)                 # (d, k)  W0q +- s B A
+    return quantize_nf4(W, base.blocksize)
+
+
+def quantize_model_nf4(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming",
+                       blocksize=64, compute_dtype=None):
+    """QLoRA for a model: replace each targeted nn.Linear by an NF4LoRALinear.
+
+    ``target_modules`` is matched as in ``lora_ref.torch.add_lora`` (name suffixes, or
+    "all-linear": every nn.Linear but the output layer). Every parameter of the model is
+    frozen except the LoRA factors (new ones and any already present). In place; returns model.
+    """
+    _checks.check_finite_scalar("alpha", alpha)
+    _check_blocksize(blocksize)
+    return _lt.replace_linears(model, target_modules, r, lambda linear: NF4LoRALinear(
+        linear, r, alpha, dropout, rslora, init, blocksize, compute_dtype))
