@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 __all__ = [
     "COLORS", "themed", "stepped_figure", "log_axis", "show",
     "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
+    "codebook_figure", "blocksize_figure", "loss_curves_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -202,4 +203,79 @@ def merge_error_figure(ratios, errors):
         xaxis=log_axis("size of the update, max|s B A| / max|W0| (log scale)", list(ratios)),
         yaxis=dict(log_axis("max |unmerge(merge(W0)) − W0| (log scale)", nonzero), exponentformat="power"),
     )
+    return themed(fig)
+
+
+# --------------------------------------------------------------------------- chapter 08
+
+
+def codebook_figure(codebooks, offset):
+    """Each 4-bit grid's 16 levels over the N(0, 1) density scaled to [-1, 1]; slider over the grid.
+
+    codebooks: {name: sorted levels in [-1, 1]}. NF4's levels are quantiles of N(0, 1) divided
+    by Phi^-1(offset), so the density drawn is that of z / Phi^-1(offset), z ~ N(0, 1).
+    """
+    from statistics import NormalDist
+
+    q = NormalDist().inv_cdf(offset)
+    xs = [i / 200 for i in range(-220, 221)]
+    dens = [q * NormalDist().pdf(x * q) for x in xs]                 # density of z / q at x
+    top = max(dens)
+    steps = []
+    for name, levels in codebooks.items():
+        lv = [float(v) for v in levels]
+        traces = [
+            go.Scatter(x=xs, y=dens, mode="lines", name="density of normal weights / Φ⁻¹(offset)",
+                       line=dict(color=COLORS["sky"]), fill="tozeroy", hoverinfo="skip"),
+            go.Scatter(x=[v for v in lv for _ in (0, 1, 2)], y=[y for _ in lv for y in (0, top * 1.05, None)],
+                       mode="lines", name=f"{name} levels", line=dict(color=COLORS["red"], width=1.5),
+                       hoverinfo="skip"),
+            go.Scatter(x=lv, y=[top * 1.05] * len(lv), mode="markers", name=f"{name} level values",
+                       marker=dict(color=COLORS["red"], size=7), showlegend=False,
+                       hovertemplate="level %{x:.4f}<extra>" + name + "</extra>"),
+        ]
+        gaps = [b - a for a, b in zip(lv, lv[1:])]
+        steps.append((name, traces, f"{name}: {len(lv)} levels, gaps from {min(gaps):.3f} to {max(gaps):.3f}"))
+    return stepped_figure(
+        steps, "grid", active=0,
+        xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.1, 1.1]),
+        yaxis=dict(title="probability density", rangemode="tozero"),
+    )
+
+
+def blocksize_figure(blocksizes, scaled_hists, edges, mse, levels):
+    """Histogram of w / c_b per block size (slider), with NF4's levels; and the MSE of each grid.
+
+    scaled_hists: {B: counts over ``edges``}; mse: {B: {grid name: mean squared error}};
+    levels: NF4's levels, drawn as ticks. Larger blocks have larger absmax c_b, so w / c_b
+    crowds near 0 and uses fewer of the 16 levels.
+    """
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    top = max(max(h) for h in scaled_hists.values())
+    steps = []
+    for B in blocksizes:
+        errs = mse[B]
+        traces = [
+            go.Bar(x=centres, y=scaled_hists[B], name="weights / c_b", marker_color=COLORS["sky"],
+                   hovertemplate="%{x:.2f}: %{y}<extra></extra>"),
+            go.Scatter(x=[float(v) for v in levels], y=[top * 1.02] * len(levels), mode="markers",
+                       name="NF4 levels", marker=dict(symbol="line-ns-open", size=14, color=COLORS["red"])),
+        ]
+        summary = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+        steps.append((B, traces, f"Block {B}: mean squared error {summary}"))
+    return stepped_figure(
+        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0, bargap=0,
+        xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.05, 1.05]),
+        yaxis=dict(title="count of weights", rangemode="tozero"),
+    )
+
+
+def loss_curves_figure(curves, title, yaxis_title="training loss (nats per answer byte)"):
+    """One line per run: {name: [loss per step]}."""
+    fig = go.Figure()
+    for i, (name, losses) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(x=list(range(1, len(losses) + 1)), y=list(losses), name=name,
+                                 mode="lines", line=dict(color=PALETTE[i], dash="solid" if i == 0 else "dash"),
+                                 hovertemplate="step %{x}: %{y:.4f}<extra>" + name + "</extra>"))
+    fig.update_layout(title_text=title, xaxis_title="step", yaxis_title=yaxis_title)
     return themed(fig)

@@ -215,7 +215,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y                                            # W already holds W0 + s B A
         h = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   h = A x
-        return y + self.scaling * (h @ self.lora_B.T)           # (..., d)   + s B h
+        # y + s B h as one GEMM that accumulates into y (addmm: beta = 1, alpha = s), so no
+        # (..., d) temporaries for B h, s (B h) and the sum; in place when nothing needs grads.
+        y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r)        # (n, d), (n, r)
+        if torch.is_grad_enabled():
+            return torch.addmm(y2, h2, self.lora_B.T, alpha=self.scaling).view(y.shape)
+        return y2.addmm_(h2, self.lora_B.T, alpha=self.scaling).view(y.shape)
 
     @torch.no_grad()
     def merge(self):

@@ -454,7 +454,8 @@ def test_layer_matches_bitsandbytes_linear4bit_with_peft(d, k, r, bias, rslora):
     ref = _fwd_bwd(theirs, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, x, grad)
     for key in ("y", "x", "A", "B"):
         assert got[key] is not None and ref[key] is not None, key
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        # float32, with the bypass fused into one addmm here and separate ops in PEFT: a few ulps apart
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
     # the NF4 base is the one bitsandbytes computes with, and it is not W0
     W0q = ours.base_layer.dequantize()
     assert torch.equal(W0q, bnbF.dequantize_4bit(theirs.base_layer.weight.data, theirs.base_layer.weight.quant_state))
