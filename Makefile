@@ -9,6 +9,8 @@ export PLOTLY_RENDERER := notebook_connected
 # Pin threads so that nbval runs are reproducible and fit a 2-core machine.
 export OMP_NUM_THREADS := 2
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# Training loops show a progress bar to live readers only, never in committed or checked outputs.
+export LORA_BOOK_QUIET := 1
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 

@@ -8,7 +8,7 @@ the answer is right, so an instructor's test can ``assert`` on it.
     from lora_ref import exercises as ex
     ex.ch01_lora_params(answer=...)
 
-This module never imports torch.
+This module imports torch only for chapter 8's checkers, when they are called.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ __all__ = [
     "ch02_forward_by_hand",
     "ch02_crossover_tokens",
     "ch02_bf16_spacing",
+    "ch08_bits_per_weight",
+    "ch08_nf4_code",
 ]
 
 
@@ -143,4 +145,30 @@ def ch02_bf16_spacing(answer):
     return check(
         "the spacing of bf16 numbers in [1, 2)", answer, expected, rtol=0,
         hint="bf16 has 7 stored mantissa bits (8 with the implicit one): numbers in [1, 2) are 2^-7 apart.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 08
+
+
+def ch08_bits_per_weight(answer, blocksize=32):
+    """Bits per weight of NF4 with double quantisation for a given first-level block size."""
+    expected = budget.nf4_bits_per_param(blocksize, double_quant=True)
+    return check(
+        f"NF4 bits per weight with double quantisation, blocksize {blocksize}", answer, expected, rtol=1e-12,
+        hint="4 bits of code, plus the 8-bit constant shared by the block, plus one fp32 scale "
+        "shared by 256 blocks: 4 + 8/B + 32/(256 B).",
+    )
+
+
+def ch08_nf4_code(answer, w=0.3, absmax=1.2):
+    """The NF4 code (0..15) of weight w in a block with absmax c: the nearest level of w / c."""
+    from . import quant
+
+    levels = quant.nf4_codebook().double().numpy()
+    expected = int(np.argmin(np.abs(levels - w / absmax)))
+    return check(
+        f"NF4 code of w={w} with absmax {absmax}", answer, expected, rtol=0,
+        hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "
+        "of quant.nf4_codebook() (index 7 is the zero).",
     )

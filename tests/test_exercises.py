@@ -14,6 +14,8 @@ CASES = [
     (lambda a: ex.ch02_forward_by_hand(a, x=(0.0, 1.0, -1.0)), [2.0, 0.0]),
     (lambda a: ex.ch02_crossover_tokens(a, d=4096, k=11008), 4096 * 11008 / (4096 + 11008)),
     (lambda a: ex.ch02_bf16_spacing(a), torch.finfo(torch.bfloat16).eps),
+    (lambda a: ex.ch08_bits_per_weight(a, blocksize=32), 4 + 8 / 32 + 32 / (32 * 256)),
+    (lambda a: ex.ch08_nf4_code(a, w=0.3, absmax=1.2), 10),
 ]
 
 

@@ -557,6 +557,28 @@ def test_bitsandbytes_linear4bit_eval_repack_trap():
     assert (fresh["x"] - lora_only).abs().max() > 0.1
 
 
+@pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="this CPU lacks AVX512-BF16: bitsandbytes never repacks")
+def test_switching_the_bf16_flag_off_avoids_the_trap():
+    """Chapter 8's avoidance: ``support_avx512bf16_for_cpu = False`` on every Linear4bit, set
+    before any call. An eval / no_grad call then repacks nothing, and training afterwards gets
+    the same gradients as a layer that was never evaluated."""
+    linear, A, B, x, grad = _setup(64, 64, 4, bias=False)
+    fresh_layer = _peft_qlora(copy.deepcopy(linear), A, B, 4, 8)
+    fresh = _fwd_bwd(fresh_layer, fresh_layer.lora_A["default"].weight, fresh_layer.lora_B["default"].weight, x, grad)
+
+    layer = _peft_qlora(copy.deepcopy(linear), A, B, 4, 8)
+    layer.base_layer.support_avx512bf16_for_cpu = False
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(y_eval, fresh["y"], rtol=1e-6, atol=1e-6)
+    layer.train()
+    after = _fwd_bwd(layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight, x, grad)
+    for key in ("x", "A", "B"):
+        torch.testing.assert_close(after[key], fresh[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
 # ----------------------------------------------------------------------------- merging and models
 
 
