@@ -47,6 +47,7 @@ __all__ = [
     "fp4_codebook",
     "int4_codebook",
     "fake_quantize",
+    "block_scaled",
     "quantize_nf4",
     "dequantize_nf4",
     "DoubleQuant",
@@ -175,13 +176,25 @@ def fake_quantize(w, codebook, blocksize=64):
     code = codebook.float().reshape(-1)
     if code.numel() < 2 or not bool((code[1:] > code[:-1]).all()):
         raise ValueError(f"codebook must be strictly increasing with >= 2 levels, got {code.tolist()}")
+    scaled, c = block_scaled(w, blocksize)                          # (n_blocks, B) w / c_b, (n_blocks, 1) c_b
+    j = torch.bucketize(scaled, _midpoints(code))                   # nearest level of w / c
+    return (code[j] * c).reshape(-1)[: w.numel()].view(w.shape)     # v_j c_b
+
+
+def block_scaled(w, blocksize=64):
+    """Blockwise absmax scaling: (w_b / c_b, c_b), the values that get quantised, and the constants.
+
+    w is flattened and cut into blocks of ``blocksize`` (the last zero-padded): returns
+    scaled (n_blocks, blocksize) in [-1, 1] and c (n_blocks, 1), c_b = max |w_b|.
+    """
+    _check_float_tensor("w", w)
+    _check_blocksize(blocksize)
     x = w.detach().reshape(-1).float()                               # (n,)
     n = x.numel()
     n_blocks = _n_blocks(n, blocksize)
     blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
     c = blocks.abs().amax(dim=1, keepdim=True).clamp_min(_ABSMAX_FLOOR)          # (n_blocks, 1)  c_b
-    j = torch.bucketize(blocks * (1.0 / c), _midpoints(code))       # nearest level of w / c
-    return (code[j] * c).reshape(-1)[:n].view(w.shape)              # v_j c_b
+    return blocks * (1.0 / c), c
 
 
 _CACHE = {}

@@ -700,3 +700,13 @@ def test_nf4_has_lower_error_than_fp4_and_int4_on_normal_weights():
 def test_fake_quantize_rejects_unsorted_codebooks():
     with pytest.raises(ValueError, match="strictly increasing"):
         q.fake_quantize(torch.ones(4), torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_block_scaled_is_w_over_its_block_absmax():
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    scaled, c = q.block_scaled(w, 64)
+    assert scaled.shape == (3, 64) and c.shape == (3, 1)
+    flat = torch.nn.functional.pad(w.reshape(-1), (0, 42)).view(3, 64)
+    torch.testing.assert_close(c.squeeze(1), flat.abs().amax(1), rtol=0, atol=0)
+    torch.testing.assert_close(scaled.abs().amax(1), torch.ones(3), rtol=0, atol=1e-7)
+    assert torch.equal(c.squeeze(1), q.quantize_nf4(w)[1])           # the constants NF4 stores
