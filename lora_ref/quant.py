@@ -57,6 +57,7 @@ __all__ = [
     "NF4Linear",
     "NF4LoRALinear",
     "quantize_model_nf4",
+    "bnb_linear4bit",
     "nf4_merge",
 ]
 
@@ -549,6 +550,29 @@ def nf4_merge(layer, sign=1.0):
     A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
     W = W + sign * _lt.delta_w(A, B, layer.scaling)                 # (d, k)  W0q +- s B A
     return quantize_nf4(W, base.blocksize)
+
+
+def bnb_linear4bit(linear, blocksize=64):
+    """The same frozen layer as bitsandbytes stores it: a ``bnb.nn.Linear4bit`` (NF4, fp32 constants,
+    fp32 compute) holding linear's W0 and bias, for comparing with NF4Linear / NF4LoRALinear.
+
+    Its ``support_avx512bf16_for_cpu`` flag is switched off: otherwise, on CPUs with AVX512-BF16,
+    the first eval / no_grad call repacks the weight for a bf16 kernel with no backward, and
+    gradients through the layer silently lose the W0 term (tests/test_quant.py shows the trap).
+    Needs bitsandbytes, imported here only.
+    """
+    import bitsandbytes as bnb
+
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"bnb_linear4bit takes an nn.Linear, got {type(linear).__name__}")
+    l4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+    l4.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
+                                  compress_statistics=False, quant_type="nf4", module=l4)
+    if linear.bias is not None:
+        l4.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    l4.support_avx512bf16_for_cpu = False
+    return l4.to("cpu")                                             # Params4bit quantises on its first .to()
 
 
 def quantize_model_nf4(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming",

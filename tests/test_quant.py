@@ -386,14 +386,10 @@ class _Holder(nn.Module):
 
 
 def _bnb_linear4bit(linear):
-    """bnb.nn.Linear4bit (NF4, fp32 constants, fp32 compute) holding the same W0 and bias."""
-    l4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
-    l4.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=64,
-                                  compress_statistics=False, quant_type="nf4", module=l4)
-    if linear.bias is not None:
-        l4.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return l4.to("cpu")                                             # Params4bit quantises on its first .to()
+    """q.bnb_linear4bit with bitsandbytes' own default flag restored, so the trap tests can spring it."""
+    l4 = q.bnb_linear4bit(linear)
+    l4.support_avx512bf16_for_cpu = bnbF.has_avx512bf16()
+    return l4
 
 
 def _peft_qlora(linear, A, B, r, alpha, rslora=False):
@@ -558,6 +554,12 @@ def test_bitsandbytes_linear4bit_eval_repack_trap():
 
 
 @pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="this CPU lacks AVX512-BF16: bitsandbytes never repacks")
+def test_bnb_linear4bit_switches_the_flag_off():
+    assert q.bnb_linear4bit(nn.Linear(64, 64)).support_avx512bf16_for_cpu is False
+    with pytest.raises(TypeError, match="takes an nn.Linear, got Conv1d"):
+        q.bnb_linear4bit(nn.Conv1d(2, 2, 1))
+
+
 def test_switching_the_bf16_flag_off_avoids_the_trap():
     """Chapter 8's avoidance: ``support_avx512bf16_for_cpu = False`` on every Linear4bit, set
     before any call. An eval / no_grad call then repacks nothing, and training afterwards gets
