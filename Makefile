@@ -45,15 +45,22 @@ execute: $(VENV)
 unit: $(VENV)
 	$(PY) -m pytest -q tests
 
+# nbval compares the outputs of the cells tagged nbval-check-output with the committed ones.
+NBVAL := $(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
+# The second pass takes another SIMD path and one thread: checked outputs must not depend on the CPU.
+OTHER_CPU := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1
+
 nbval: $(VENV)
-	$(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
+	$(NBVAL) $(NOTEBOOKS)
+	$(OTHER_CPU) $(NBVAL) $(NOTEBOOKS)
 
 browser: $(VENV)
 	$(PY) -m pytest -q tests/browser
 
 test: $(VENV)
 	$(PY) -m pytest -q tests --ignore=tests/browser
-	$(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
+	$(NBVAL) $(NOTEBOOKS)
+	$(OTHER_CPU) $(NBVAL) $(NOTEBOOKS)
 	$(MAKE) --no-print-directory book
 	$(PY) -m pytest -q tests/browser
 

@@ -24,6 +24,10 @@ def _src(cell):
     return "".join(cell["source"])
 
 
+def _tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
 def test_every_toc_entry_exists_and_every_chapter_is_in_the_toc():
     for f in TOC_FILES:
         assert any((ROOT / f"{f}{ext}").exists() for ext in (".md", ".ipynb")), f
@@ -48,7 +52,7 @@ def test_first_cell_installs_lora_ref_from_the_one_repository(path):
     first = _nb(path)["cells"][0]
     src = _src(first)
     assert first["cell_type"] == "code"
-    assert src.startswith("# NBVAL_SKIP"), "nbval must skip the install cell"
+    assert "nbval-skip" in _tags(first), "nbval must skip the install cell"
     assert "remove-cell" in first["metadata"].get("tags", []), "the book must hide the install cell"
     assert f"git+{REPO}" in src, f"install cell does not use {REPO}"
     urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", json.dumps(_nb(path))))
@@ -67,14 +71,16 @@ def test_chapter_links_to_itself_in_colab(path):
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_with_outputs_and_checked_cells(path):
     cells = [c for c in _nb(path)["cells"] if c["cell_type"] == "code"]
-    checked = [c for c in cells if "# NBVAL_CHECK_OUTPUT" in _src(c)]
-    assert checked, "no # NBVAL_CHECK_OUTPUT cell: nbval would compare nothing"
+    checked = [c for c in cells if "nbval-check-output" in _tags(c)]
+    assert checked, "no cell tagged nbval-check-output: nbval would compare nothing"
     assert all(c["outputs"] for c in checked), "a checked cell without committed output"
     assert any("assert " in _src(c) for c in cells), "no assert ties the code to an equation"
     for c in cells:
         src = _src(c)
         if "figures.show(" in src or "widgets.interact" in src:
-            assert "# NBVAL_IGNORE_OUTPUT" in src or src.startswith("# NBVAL_SKIP"), f"figure or widget cell without NBVAL_IGNORE_OUTPUT:\n{src[:200]}"
+            assert {"nbval-ignore-output", "nbval-skip"} & set(_tags(c)), \
+                f"figure or widget cell without the nbval-ignore-output tag:\n{src[:200]}"
+            assert "nbval-check-output" not in _tags(c), f"a figure's output is never compared:\n{src[:200]}"
         for out in c["outputs"]:
             assert out["output_type"] != "error", f"committed error output in:\n{src[:200]}"
             assert out.get("name") != "stderr", f"committed stderr output in:\n{src[:200]}"
@@ -90,3 +96,15 @@ def test_chapter_has_the_anatomy_of_the_style_guide(path):
     assert "```{exercise}" in md and "```{solution-start}" in md and "```{solution-end}" in md
     assert "from lora_ref import exercises" in code and "figures.show(" in code
     assert "widgets.interact" in code, "no live-kernel widget"
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)
+def test_nbval_markers_are_cell_tags_not_comments_a_reader_would_see(path):
+    """nbval reads the tags nbval-check-output / -ignore-output / -skip; a `# NBVAL_*` comment
+    would be printed in the book's code cells."""
+    for c in _nb(path)["cells"]:
+        assert "NBVAL_" not in _src(c), f"`# NBVAL_*` comment in a cell; use a tag:\n{_src(c)[:200]}"
+        assert not {t for t in _tags(c) if t.startswith("nbval") and t not in NBVAL_TAGS}, _tags(c)
+
+
+NBVAL_TAGS = {"nbval-check-output", "nbval-ignore-output", "nbval-skip", "nbval-raises-exception"}

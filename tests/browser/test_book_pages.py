@@ -154,3 +154,13 @@ def test_chapter_links_to_its_notebook_in_colab(page, site_url, chapter):
     _open(page, site_url, chapter)
     hrefs = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
     assert any(h.endswith(f"/blob/main/{chapter}.ipynb") for h in hrefs), hrefs
+
+
+def test_no_built_page_shows_a_test_marker():
+    """nbval's markers are cell tags: a reader of the book never sees `# NBVAL_...` in the code."""
+    if not (SITE / "index.html").exists():
+        pytest.fail(f"no built book at {SITE}: run 'make book' first")
+    pages = sorted(SITE.rglob("*.html"))
+    assert len(pages) >= len(CHAPTERS)
+    marked = [str(p.relative_to(SITE)) for p in pages if "NBVAL_" in p.read_text(errors="replace")]
+    assert marked == [], f"pages that show an nbval marker: {marked}"
