@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import targets
 from . import torch as lt
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "read_adapter_config"]
@@ -144,18 +145,10 @@ def _linear_sites(model):
 
 
 def _selected(model, target_modules):
-    """Names of the linear sites ``target_modules`` selects, by PEFT's rules, in model order.
-
-    list: a name matches if it equals a target or ends in "." + target;
-    "all-linear": every linear layer but the output layer;  other str: re.fullmatch.
-    """
-    sites = _linear_sites(model)
-    if target_modules == "all-linear":
-        skip = lt._output_layer_names(model)
-        return [n for n in sites if n not in skip and n.split(".")[-1] not in skip]
-    if isinstance(target_modules, str):
-        return [n for n in sites if re.fullmatch(target_modules, n)]
-    return [n for n in sites if lt._matches(n, list(target_modules))]
+    """Names of the linear sites ``target_modules`` selects, by PEFT's rule (``lora_ref.targets``),
+    in model order; empty when none."""
+    return targets.select(list(_linear_sites(model)), target_modules,
+                          output_layers=targets.output_layer_names(model), required=False)
 
 
 def _default_targets(model, names):

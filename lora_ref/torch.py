@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, targets
 
 __all__ = [
     "scaling",
@@ -32,6 +32,7 @@ __all__ = [
     "LoRALinear",
     "add_lora",
     "replace_linears",
+    "target_names",
     "merge_lora",
     "lora_modules",
 ]
@@ -244,45 +245,24 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
 
 
-def _matches(name, target_modules):
-    """PEFT's rule for a list of targets: the module's name equals a target or ends in '.target'."""
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+def target_names(model, target_modules):
+    """The names of the nn.Linear modules that ``target_modules`` selects, in model order.
 
-
-def _output_layer_names(model):
-    """Names of the output projection (lm_head), which PEFT's "all-linear" leaves alone."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    return {n for n, m in model.named_modules() if out is not None and m is out} | {"lm_head"}
-
-
-def _target_names(model, target_modules):
-    """The names of the nn.Linear modules that ``target_modules`` selects, in model order."""
+    PEFT's rule (``lora_ref.targets``): a list matches names by equality or suffix, a string
+    is a regex full match, "all-linear" is every linear layer but the output layer. The
+    base_layer inside a LoRALinear is not a candidate: a layer is adapted once.
+    """
     wrapped = {n + ".base_layer" if n else "base_layer" for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
-    if target_modules == "all-linear":
-        skip = _output_layer_names(model)
-        return [n for n in linears if n not in skip and n.split(".")[-1] not in skip]
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    target_modules = list(target_modules)
-    if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-        raise ValueError(f"target_modules must be non-empty module names, got {target_modules!r}")
-    names = [n for n in linears if _matches(n, target_modules)]
-    if not names:
-        suffixes = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(
-            f"target_modules={target_modules} matched no nn.Linear in the model; "
-            f"its linear layers end in {suffixes}"
-        )
-    return names
+    return targets.select(linears, target_modules, output_layers=targets.output_layer_names(model))
 
 
 def add_lora(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming"):
     """Replace each nn.Linear whose name ends in one of ``target_modules`` by a LoRALinear.
 
-    ``target_modules`` is a list of name suffixes, as in PEFT (``["q_proj", "v_proj"]``),
-    or "all-linear" (every nn.Linear but the output layer). Every parameter of the
+    ``target_modules`` follows PEFT (see ``lora_ref.targets``): a list of names or name
+    suffixes (``["q_proj", "v_proj"]``), a regex that must match the whole name, "all-linear"
+    (every nn.Linear but the output layer), or a named set ("qv", "attention"). Every parameter of the
     model is frozen except the new A and B (and those of LoRA layers already there).
     The model is changed in place and returned.
     """
@@ -298,7 +278,7 @@ def replace_linears(model, target_modules, r, make_layer):
     model as it was. All parameters are frozen except the LoRA factors (old and new).
     """
     _checks.check_rank(r)
-    names = _target_names(model, target_modules)
+    names = target_names(model, target_modules)
     for name in names:                                          # validate every r first:
         lin = model.get_submodule(name)                         # nothing is replaced if one fails
         _checks.check_rank(r, lin.out_features, lin.in_features)

@@ -139,8 +139,12 @@ def test_add_lora_selects_modules_by_name_suffix_as_peft_does():
     peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, PeftLoraLinear)}
     ours = lt.add_lora(copy.deepcopy(model), ["q_proj", "v_proj"], r=2, alpha=2)
     assert set(lt.lora_modules(ours)) == peft_names == {"attn.q_proj", "attn.v_proj"}
+    # "all-linear" leaves out only what get_output_embeddings() returns; a plain nn.Module has no
+    # such method, so PEFT adapts its lm_head too, and so do we.
+    peft_all = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear"))
+    peft_all = {n.removeprefix("base_model.model.") for n, m in peft_all.named_modules() if isinstance(m, PeftLoraLinear)}
     all_linear = lt.add_lora(copy.deepcopy(model), "all-linear", r=2, alpha=2)
-    assert set(lt.lora_modules(all_linear)) == {"attn.q_proj", "attn.v_proj", "attn.xq_proj"}
+    assert set(lt.lora_modules(all_linear)) == peft_all == {"attn.q_proj", "attn.v_proj", "attn.xq_proj", "lm_head"}
 
 
 def test_dropout_is_applied_to_the_bypass_input_only():
