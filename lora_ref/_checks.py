@@ -44,6 +44,12 @@ def check_finite_scalar(name, value):
         raise ValueError(f"{name} must be finite, got {name}={value}")
 
 
+def check_finite_count(name, n_nonfinite, shape):
+    """An array or tensor with no nan or inf; the caller counts the non-finite entries."""
+    if n_nonfinite:
+        raise ValueError(f"{name} has {n_nonfinite} non-finite value(s) (nan or inf) in shape {tuple(shape)}")
+
+
 def check_ndim(name, shape, ndim):
     if len(shape) != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(shape)}")
@@ -110,21 +116,3 @@ def check_init_options(init, a_std, b_std):
         check_finite_scalar("b_std", b_std)
         if b_std < 0:
             raise ValueError(f"b_std must be >= 0, got b_std={b_std}")
-
-
-def kaiming_uniform_bound(k):
-    """Half-width of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k.
-
-    gain = sqrt(2 / (1 + a^2)) = sqrt(2 / 6) = 1/sqrt(3)
-    std  = gain / sqrt(k)
-    bound = sqrt(3) * std = 1 / sqrt(k)        so A_ij ~ U(-1/sqrt(k), 1/sqrt(k)),
-    Var(A_ij) = bound^2 / 3 = 1 / (3k).
-    """
-    a = math.sqrt(5.0)
-    gain = math.sqrt(2.0 / (1.0 + a * a))
-    return math.sqrt(3.0) * gain / math.sqrt(k)
-
-
-def gaussian_a_std(r):
-    """PEFT's init_lora_weights="gaussian": A_ij ~ N(0, (1/r)^2)."""
-    return 1.0 / r

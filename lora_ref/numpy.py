@@ -21,18 +21,17 @@ import numpy as np
 
 from . import _checks
 
-__all__ = ["scaling", "init_lora", "lora_forward", "delta_w", "merge", "unmerge", "lora_grads"]
+__all__ = ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w", "merge",
+           "unmerge", "lora_grads"]
 
 
 def _shape(a):
     return tuple(np.shape(a))
 
 
-def _check_finite_array(name, a):
+def _check_finite(name, a):
     a = np.asarray(a)
-    if not np.all(np.isfinite(a)):
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf) in shape {a.shape}")
+    _checks.check_finite_count(name, int(a.size - np.count_nonzero(np.isfinite(a))), a.shape)
 
 
 def scaling(alpha, r, rslora=False):
@@ -44,6 +43,27 @@ def scaling(alpha, r, rslora=False):
     _checks.check_finite_scalar("alpha", alpha)
     _checks.check_rank(r)
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def kaiming_a_bound(k):
+    """Half-width of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k.
+
+    gain  = sqrt(2 / (1 + a^2)) = sqrt(2 / 6) = 1/sqrt(3)
+    std   = gain / sqrt(k)
+    bound = sqrt(3) * std = 1 / sqrt(k)        so A_ij ~ U(-1/sqrt(k), 1/sqrt(k)),
+    Var(A_ij) = bound^2 / 3 = 1 / (3k).
+    """
+    _checks.check_dim("k", k)
+    a = math.sqrt(5.0)
+    gain = math.sqrt(2.0 / (1.0 + a * a))
+    return math.sqrt(3.0) * gain / math.sqrt(k)
+
+
+def gaussian_a_std(r):
+    """PEFT's init_lora_weights="gaussian": A_ij ~ N(0, (1/r)^2), a standard deviation of 1/r
+    (variance 1/r^2, not 1/r)."""
+    _checks.check_rank(r)
+    return 1.0 / r
 
 
 def init_lora(d, k, r, seed=0, *, init="kaiming", a_std=None, b_std=None, dtype="float64"):
@@ -64,10 +84,10 @@ def init_lora(d, k, r, seed=0, *, init="kaiming", a_std=None, b_std=None, dtype=
     _checks.check_init_options(init, a_std, b_std)
     rng = np.random.default_rng(seed)
     if init == "kaiming":
-        bound = _checks.kaiming_uniform_bound(k)             # 1/sqrt(k)
+        bound = kaiming_a_bound(k)             # 1/sqrt(k)
         A = rng.uniform(-bound, bound, size=(r, k))          # (r, k)
     else:
-        std = _checks.gaussian_a_std(r) if a_std is None else a_std
+        std = gaussian_a_std(r) if a_std is None else a_std
         A = rng.normal(0.0, 1.0, size=(r, k)) * std          # (r, k)
     if b_std is None:
         B = np.zeros((d, r))                                 # (d, r)
@@ -85,8 +105,8 @@ def lora_forward(x, W0, A, B, scaling):
     d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
     _checks.check_inputs(_shape(x), k)
     _checks.check_finite_scalar("scaling", scaling)
-    h = x @ A.T                                   # (..., r)   h = A x
-    return x @ W0.T + scaling * (h @ B.T)         # (..., d)   y = W0 x + s B h
+    z = x @ A.T                                   # (..., r)   z = A x, the bottleneck
+    return x @ W0.T + scaling * (z @ B.T)         # (..., d)   y = W0 x + s B z
 
 
 def delta_w(A, B, scaling):
@@ -100,7 +120,7 @@ def merge(W0, A, B, scaling):
     """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards)."""
     _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
     for name, a in (("W0", W0), ("A", A), ("B", B)):
-        _check_finite_array(name, a)
+        _check_finite(name, a)
     return W0 + delta_w(A, B, scaling)            # (d, k)
 
 
@@ -108,7 +128,7 @@ def unmerge(W, A, B, scaling):
     """W0 = W - s B A: recover the base weight (exact in exact arithmetic)."""
     _checks.check_weight_and_factors(_shape(W), _shape(A), _shape(B), W_name="W")
     for name, a in (("W", W), ("A", A), ("B", B)):
-        _check_finite_array(name, a)
+        _check_finite(name, a)
     return W - delta_w(A, B, scaling)             # (d, k)
 
 
@@ -128,9 +148,9 @@ def lora_grads(x, grad_y, A, B, scaling):
     _checks.check_inputs(_shape(x), k)
     _checks.check_grad_output(_shape(grad_y), _shape(x), d)
     _checks.check_finite_scalar("scaling", scaling)
-    x2 = np.reshape(x, (-1, k))                   # (n, k)
-    g2 = np.reshape(grad_y, (-1, d))              # (n, d)
-    h = x2 @ A.T                                  # (n, r)   h = A x
-    dB = scaling * (g2.T @ h)                     # (d, r)   s G (A X)^T
+    x2 = x.reshape(-1, k)                         # (n, k)
+    g2 = grad_y.reshape(-1, d)                    # (n, d)
+    z = x2 @ A.T                                  # (n, r)   z = A x
+    dB = scaling * (g2.T @ z)                     # (d, r)   s G (A X)^T = s G Z^T
     dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T G X^T
     return dA, dB

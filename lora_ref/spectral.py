@@ -52,14 +52,14 @@ def truncated_svd(W, r):
     """
     W = _as_matrix(W)
     _checks.check_rank(r, *W.shape)
-    U, s, Vt = np.linalg.svd(W, full_matrices=False)
-    return U[:, :r], s[:r], Vt[:r, :]
+    U, sigma, Vt = np.linalg.svd(W, full_matrices=False)      # (m, p), (p,), (p, n); p = min(m, n)
+    return U[:, :r], sigma[:r], Vt[:r, :]
 
 
 def best_rank_r(W, r):
     """W_r = U_r diag(sigma_r) Vt_r, the closest rank-r matrix to W in Frobenius and spectral norm."""
-    U, s, Vt = truncated_svd(W, r)
-    return (U * s) @ Vt                           # (m, r) * (r,) @ (r, n) -> (m, n)
+    U, sigma, Vt = truncated_svd(W, r)
+    return (U * sigma) @ Vt                           # (m, r) * (r,) @ (r, n) -> (m, n)
 
 
 def eckart_young_error(W, r, norm="fro"):
@@ -72,28 +72,28 @@ def eckart_young_error(W, r, norm="fro"):
         raise ValueError(f"norm must be 'fro' or 'spectral', got norm={norm!r}")
     W = _as_matrix(W)
     _checks.check_rank(r, *W.shape)
-    s = singular_values(W)
-    tail = s[r:]                                  # sigma_{r+1}, sigma_{r+2}, ...
+    sigma = singular_values(W)
+    tail = sigma[r:]                                  # sigma_{r+1}, sigma_{r+2}, ...
     if norm == "fro":
         return float(math.sqrt(np.sum(tail**2)))
     return float(tail[0]) if tail.size else 0.0
 
 
-def effective_rank_of_spectrum(s):
+def effective_rank_of_spectrum(sigma):
     """Roy & Vetterli (2007): erank = exp(H(p)),  p_i = sigma_i / sum_j sigma_j,  H(p) = -sum p_i log p_i.
 
     1 <= erank <= rank: it is 1 when one direction holds all the energy and equals
     the rank when the nonzero singular values are equal. Zero terms contribute 0 (0 log 0 = 0).
     """
-    s = np.asarray(s, dtype=np.float64)
-    if s.ndim != 1 or s.size == 0:
-        raise ValueError(f"singular values must be a non-empty 1-D array, got shape {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError(f"singular values must be finite and >= 0, got {s}")
-    total = s.sum()
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.ndim != 1 or sigma.size == 0:
+        raise ValueError(f"singular values must be a non-empty 1-D array, got shape {sigma.shape}")
+    if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+        raise ValueError(f"singular values must be finite and >= 0, got {sigma}")
+    total = sigma.sum()
     if total == 0:
         raise ValueError("the effective rank of the zero matrix is undefined (all singular values are 0)")
-    p = s[s > 0] / total                          # distribution of the spectral mass
+    p = sigma[sigma > 0] / total                  # distribution of the spectral mass
     return float(np.exp(-np.sum(p * np.log(p))))
 
 

@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from . import _checks, targets
+from .numpy import gaussian_a_std, kaiming_a_bound       # plain numbers: one definition for both backends
 
 __all__ = [
     "scaling",
+    "kaiming_a_bound",
+    "gaussian_a_std",
     "init_lora",
     "lora_forward",
     "delta_w",
@@ -51,11 +54,8 @@ def _dtype(dtype):
     raise TypeError(f"dtype must be a torch.dtype or its name such as 'float32', got {dtype!r}")
 
 
-def _check_finite_tensor(name, t):
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf) in shape {tuple(t.shape)}")
+def _check_finite(name, t):
+    _checks.check_finite_count(name, int((~torch.isfinite(t)).sum()), t.shape)
 
 
 def scaling(alpha, r, rslora=False):
@@ -94,10 +94,10 @@ def init_lora(d, k, r, seed=0, *, init="kaiming", a_std=None, b_std=None, dtype=
         return torch.from_numpy(A).to(dt), torch.from_numpy(B).to(dt)
     A = torch.empty(r, k, dtype=dt)                           # (r, k)
     if init == "kaiming":
-        bound = _checks.kaiming_uniform_bound(k)              # 1/sqrt(k)
+        bound = kaiming_a_bound(k)              # 1/sqrt(k)
         nn.init.uniform_(A, -bound, bound)
     else:
-        nn.init.normal_(A, 0.0, _checks.gaussian_a_std(r) if a_std is None else a_std)
+        nn.init.normal_(A, 0.0, gaussian_a_std(r) if a_std is None else a_std)
     B = torch.zeros(d, r, dtype=dt)                           # (d, r)
     if b_std is not None:
         nn.init.normal_(B, 0.0, b_std)
@@ -113,8 +113,8 @@ def lora_forward(x, W0, A, B, scaling):
     d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
     _checks.check_inputs(_shape(x), k)
     _checks.check_finite_scalar("scaling", scaling)
-    h = x @ A.T                                   # (..., r)   h = A x
-    return x @ W0.T + scaling * (h @ B.T)         # (..., d)   y = W0 x + s B h
+    z = x @ A.T                                   # (..., r)   z = A x, the bottleneck
+    return x @ W0.T + scaling * (z @ B.T)         # (..., d)   y = W0 x + s B z
 
 
 def delta_w(A, B, scaling):
@@ -127,16 +127,16 @@ def delta_w(A, B, scaling):
 def merge(W0, A, B, scaling):
     """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards)."""
     _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
-    for name, t in (("W0", W0), ("A", A), ("B", B)):
-        _check_finite_tensor(name, t)
+    for name, a in (("W0", W0), ("A", A), ("B", B)):
+        _check_finite(name, a)
     return W0 + delta_w(A, B, scaling)            # (d, k)
 
 
 def unmerge(W, A, B, scaling):
     """W0 = W - s B A: recover the base weight (exact in exact arithmetic)."""
     _checks.check_weight_and_factors(_shape(W), _shape(A), _shape(B), W_name="W")
-    for name, t in (("W", W), ("A", A), ("B", B)):
-        _check_finite_tensor(name, t)
+    for name, a in (("W", W), ("A", A), ("B", B)):
+        _check_finite(name, a)
     return W - delta_w(A, B, scaling)             # (d, k)
 
 
@@ -158,8 +158,8 @@ def lora_grads(x, grad_y, A, B, scaling):
     _checks.check_finite_scalar("scaling", scaling)
     x2 = x.reshape(-1, k)                         # (n, k)
     g2 = grad_y.reshape(-1, d)                    # (n, d)
-    h = x2 @ A.T                                  # (n, r)   h = A x
-    dB = scaling * (g2.T @ h)                     # (d, r)   s G (A X)^T
+    z = x2 @ A.T                                  # (n, r)   z = A x
+    dB = scaling * (g2.T @ z)                     # (d, r)   s G (A X)^T = s G Z^T
     dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T G X^T
     return dA, dB
 
@@ -215,13 +215,13 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)                                  # (..., d)   W0 x + bias
         if self.merged:
             return y                                            # W already holds W0 + s B A
-        h = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   h = A x
-        # y + s B h as one GEMM that accumulates into y (addmm: beta = 1, alpha = s), so no
-        # (..., d) temporaries for B h, s (B h) and the sum; in place when nothing needs grads.
-        y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r)        # (n, d), (n, r)
+        z = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   z = A x, the bottleneck
+        # y + s B z as one GEMM that accumulates into y (addmm: beta = 1, alpha = s), so no
+        # (..., d) temporaries for B z, s (B z) and the sum; in place when nothing needs grads.
+        y2, z2 = y.reshape(-1, y.shape[-1]), z.reshape(-1, self.r)        # (n, d), (n, r)
         if torch.is_grad_enabled():
-            return torch.addmm(y2, h2, self.lora_B.T, alpha=self.scaling).view(y.shape)
-        return y2.addmm_(h2, self.lora_B.T, alpha=self.scaling).view(y.shape)
+            return torch.addmm(y2, z2, self.lora_B.T, alpha=self.scaling).view(y.shape)
+        return y2.addmm_(z2, self.lora_B.T, alpha=self.scaling).view(y.shape)
 
     @torch.no_grad()
     def merge(self):
