@@ -173,7 +173,7 @@ def fake_quantize(w, codebook, blocksize=64):
     """
     _check_float_tensor("w", w)
     _check_blocksize(blocksize)
-    _lt._check_finite_tensor("w", w)
+    _checks.check_finite_count("w", int((~torch.isfinite(w)).sum()), w.shape)
     code = codebook.float().reshape(-1)
     if code.numel() < 2 or not bool((code[1:] > code[:-1]).all()):
         raise ValueError(f"codebook must be strictly increasing with >= 2 levels, got {code.tolist()}")
@@ -289,7 +289,7 @@ def quantize_nf4(w, blocksize=64):
     _check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError(f"w has no elements (shape {tuple(w.shape)}): there is nothing to quantise")
-    _lt._check_finite_tensor("w", w)
+    _checks.check_finite_count("w", int((~torch.isfinite(w)).sum()), w.shape)
     x = w.detach().reshape(-1).float()                               # (n,)
     n = x.numel()
     n_blocks = _n_blocks(n, blocksize)
@@ -386,7 +386,7 @@ def double_quantize_absmax(absmax, blocksize=256):
     _check_blocksize(blocksize)
     if absmax.numel() == 0:
         raise ValueError("absmax has no elements: there are no constants to quantise")
-    _lt._check_finite_tensor("absmax", absmax)
+    _checks.check_finite_count("absmax", int((~torch.isfinite(absmax)).sum()), absmax.shape)
     c = absmax.detach().reshape(-1).float()                          # (n_blocks,)
     offset = c.mean()                                               # scalar, float32
     centred = c - offset                                            # (n_blocks,)
