@@ -46,7 +46,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_ref.timing import time_interleaved
 from lora_ref.torch import LoRALinear, init_lora
 
 VARIANTS = ("lora_ref", "peft", "base", "naive")
@@ -70,7 +70,6 @@ TOKENS = (1, 16, 128, 4096)
 ALPHA = 16.0          # s = alpha / r, as in PEFT's LoraConfig(lora_alpha=16)
 B_STD = 0.01          # B ~ N(0, B_STD^2): small but nonzero
 TARGET_REP_S = 0.03   # aim for ~30 ms per repetition
-MAX_NUMBER = 10_000   # cap on the inner loop count
 
 
 class MismatchError(AssertionError):
@@ -261,62 +260,30 @@ def _call(v, setup, mode):
     return fwd_bwd
 
 
-def _time(fn, number):
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
-
-
 def time_setup(setup, reps, target_rep_s=None, max_seconds=None, min_reps=4, warmup=1):
-    """Median seconds per call for every (variant, mode), repetitions interleaved round-robin.
+    """Median seconds per call for every (variant, mode), repetitions interleaved round-robin
+    (``lora_ref.timing.time_interleaved``: modes outer, variants inner).
 
     With ``max_seconds``, the number of repetitions is cut (down to ``min_reps``) so that
     the shape takes about that long; small shapes keep all ``reps``.
     Returns {"reps", "number": {v: {mode: n}}, "samples": {v: {mode: [s, ...]}}, "median": {...}}.
     """
     target_rep_s = TARGET_REP_S if target_rep_s is None else target_rep_s
-    calls = {(name, mode): _call(v, setup, mode) for name, v in setup.variants.items() for mode in MODES}
-    number, per_call = {}, {}
-    for key, fn in calls.items():                     # warm up, then calibrate the inner loop
-        t1 = _time(fn, 1)                             # first call: warm-up, and a first estimate
-        if t1 < target_rep_s:                         # cheap calls get more warm-up and a better estimate;
-            for _ in range(warmup):                   # a slow one (one call per rep) needs neither
-                fn()
-            t1 = _time(fn, 1)
-            if t1 < target_rep_s / 10:
-                n = max(1, int(target_rep_s / 10 / max(t1, 1e-7)))
-                _time(fn, n)
-                t1 = _time(fn, n)
-        number[key] = max(1, min(MAX_NUMBER, round(target_rep_s / max(t1, 1e-9))))
-        per_call[key] = t1
-    if max_seconds is not None:
-        rep_s = sum(number[key] * per_call[key] for key in calls)
-        reps = max(min(reps, min_reps), min(reps, int(max_seconds / max(rep_s, 1e-9))))
-
-    samples = {key: [] for key in calls}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(reps):
-            for mode in MODES:
-                for name in setup.variants:
-                    key = (name, mode)
-                    samples[key].append(_time(calls[key], number[key]))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    calls = {(name, mode): _call(v, setup, mode) for mode in MODES for name, v in setup.variants.items()}
+    t = time_interleaved(calls, reps=reps, target_rep_s=target_rep_s, warmup=warmup,
+                         max_seconds=max_seconds, min_reps=min_reps)
     setup.x.grad = None
     for v in setup.variants.values():
         for p in v.params:
             p.grad = None
 
     nested = lambda f: {name: {mode: f((name, mode)) for mode in MODES} for name in setup.variants}  # noqa: E731
+    median = t.median
     return {
-        "reps": reps,
-        "number": nested(lambda key: number[key]),
-        "samples": nested(lambda key: samples[key]),
-        "median": nested(lambda key: statistics.median(samples[key])),
+        "reps": t.reps,
+        "number": nested(lambda key: t.calls[key]),
+        "samples": nested(lambda key: t.samples[key]),
+        "median": nested(lambda key: median[key]),
     }
 
 

@@ -25,16 +25,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import platform
-import statistics
-import time
 
 import torch
 
 from lora_ref.quant import dequantize_nf4
+from lora_ref.timing import time_interleaved
 
 SIZES = (1 << 20, 1 << 22, 1 << 24)      # 1M, 4M, 16M weights
 BLOCKSIZE = 64
@@ -75,34 +73,16 @@ def check_equal(fns, shape):
         raise AssertionError(f"lora_ref and bitsandbytes dequantise shape {tuple(shape)} differently")
 
 
-def _time(fn, number):
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
-
-
 def bench_size(n, reps=15, threads=2, target_rep_s=TARGET_REP_S):
     """Median ms per call of both variants at n weights, interleaved reps. Returns a record."""
     torch.set_num_threads(threads)
     shape, packed, state = make_case(n)
     fns = variants(shape, packed, state)
     check_equal(fns, shape)
-    number = {}
-    for name, fn in fns.items():                    # warm up, then size the inner loop
-        fn()
-        number[name] = max(1, min(1000, round(target_rep_s / max(_time(fn, 1), 1e-7))))
-    samples = {name: [] for name in fns}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(reps):
-            for name, fn in fns.items():
-                samples[name].append(1e3 * _time(fn, number[name]))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    median = {name: statistics.median(s) for name, s in samples.items()}
+    t = time_interleaved(fns, reps=reps, target_rep_s=target_rep_s)
+    samples = {name: [1e3 * x for x in xs] for name, xs in t.samples.items()}
+    number = t.calls
+    median = {name: 1e3 * x for name, x in t.median.items()}
     return {
         "n": n, "shape": tuple(shape), "threads": threads, "reps": reps, "number": number,
         "samples_ms": samples, "median_ms": median,
