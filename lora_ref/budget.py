@@ -22,9 +22,11 @@ This module uses only the standard library: it never imports numpy or torch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import types
 from collections.abc import Mapping
+from typing import NamedTuple
 from importlib import resources
 
 from . import _checks
@@ -32,9 +34,10 @@ from . import _checks
 __all__ = [
     "LINEAR_MODULES", "TARGET_SETS", "BYTES_PER_PARAM", "MemoryEstimate",
     "available_configs", "load_config", "linear_shapes", "resolve_targets",
-    "lora_param_count", "lora_param_count_ignoring_gqa", "decoder_linear_param_count",
-    "base_param_breakdown", "base_param_count", "adapter_bytes", "nf4_bits_per_param",
-    "full_finetune_memory", "lora_memory", "qlora_memory",
+    "lora_param_count", "module_subsets", "CountMatch", "search_lora_counts",
+    "decoder_linear_param_count", "base_param_breakdown", "base_param_count", "adapter_bytes",
+    "nf4_bits_per_param", "OPTIMIZER_SCHEMES", "bytes_per_param", "full_finetune_memory",
+    "lora_memory", "qlora_memory",
     "forward_macs", "materialise_crossover_tokens",
 ]
 
@@ -51,6 +54,42 @@ TARGET_SETS = {
 
 # Bytes per stored number, by dtype.
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+
+# bitsandbytes' 8-bit optimizers store each state as 1-byte codes plus one fp32 absmax per
+# block of 256 entries (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state).
+_BNB_STATE_BLOCKSIZE = 256
+
+# Training state per parameter, in bytes, by component, for the usual ways to run Adam.
+# Activations are not included. "mixed-precision Adam" is the book's default (16 bytes).
+OPTIMIZER_SCHEMES = {
+    # everything in fp32, no mixed precision
+    "fp32 Adam": {
+        "weights (fp32)": 4, "gradients (fp32)": 4, "Adam m (fp32)": 4, "Adam v (fp32)": 4,
+    },
+    # Micikevicius et al. 2018; the "2 + 2 + 12" of ZeRO (Rajbhandari et al. 2020, Sec. 3.1)
+    "mixed-precision Adam": {
+        "weights (bf16)": 2, "gradients (bf16)": 2, "fp32 master weights": 4,
+        "Adam m (fp32)": 4, "Adam v (fp32)": 4,
+    },
+    # bf16 weights updated in place, fp32 moments, no master copy
+    "bf16 weights, fp32 Adam, no master": {
+        "weights (bf16)": 2, "gradients (bf16)": 2, "Adam m (fp32)": 4, "Adam v (fp32)": 4,
+    },
+    # mixed precision with bitsandbytes' 8-bit Adam: m and v as 1-byte codes + absmax
+    "mixed-precision 8-bit Adam": {
+        "weights (bf16)": 2, "gradients (bf16)": 2, "fp32 master weights": 4,
+        "Adam m, v (8-bit codes)": 2, "8-bit state absmax (fp32 per 256)": 2 * 4 / _BNB_STATE_BLOCKSIZE,
+    },
+    # everything in bf16 (torch.optim.Adam keeps m, v in the parameter's dtype)
+    "pure bf16 Adam": {
+        "weights (bf16)": 2, "gradients (bf16)": 2, "Adam m (bf16)": 2, "Adam v (bf16)": 2,
+    },
+    # bf16 weights updated in place with bitsandbytes' 8-bit Adam, no master copy
+    "bf16 weights, 8-bit Adam, no master": {
+        "weights (bf16)": 2, "gradients (bf16)": 2,
+        "Adam m, v (8-bit codes)": 2, "8-bit state absmax (fp32 per 256)": 2 * 4 / _BNB_STATE_BLOCKSIZE,
+    },
+}
 
 
 
@@ -186,16 +225,52 @@ def lora_param_count(config, r, target_modules):
     return n_layers * per_layer
 
 
-def lora_param_count_ignoring_gqa(config, r, target_modules):
-    """A common WRONG count, kept for the errata page: k_proj and v_proj taken as hidden -> hidden.
+def module_subsets():
+    """All 127 non-empty subsets of LINEAR_MODULES, as tuples in model order."""
+    return [subset for k in range(1, len(LINEAR_MODULES) + 1)
+            for subset in itertools.combinations(LINEAR_MODULES, k)]
 
-    It forgets grouped-query attention (num_key_value_heads < num_attention_heads). For
-    Llama-3.1-8B, "qv" at r=16 it gives 32 * 16 * (8192 + 8192) = 8,388,608 ("8.4M"), where
-    the right count, with v_proj 4096 -> 1024, is 6,815,744.
+
+class CountMatch(NamedTuple):
+    """One configuration found by search_lora_counts."""
+
+    config: str          # shipped config name, e.g. "llama-2-7b"
+    targets: object      # a named target set ("qv") or a tuple of module names
+    r: int
+    count: int           # lora_param_count(config, r, targets)
+
+
+def search_lora_counts(figure_millions, decimals=1, configs=None,
+                       target_sets=tuple(TARGET_SETS), ranks=tuple(2**e for e in range(11))):
+    """Every (config, targets, r) whose LoRA count rounds to `figure_millions` million.
+
+    A published figure such as "8.4M" is checked against every combination of the shipped
+    configs (or `configs`, a list of names) x `target_sets` (named sets or lists of module
+    names; module_subsets() gives all 127) x `ranks` (default r = 1, 2, 4, ..., 1024; an r
+    above min(d_in, d_out) of a target is skipped). A count matches when it rounds, half up,
+    to the figure at `decimals` decimals of a million: 8,388,608 -> 8.4.
+    It says which configurations a figure is right for; it cannot say why a source wrote it.
     """
-    no_gqa = dict(config)
-    no_gqa["num_key_value_heads"] = _head_dims(config)[0]     # n_kv_heads := n_heads
-    return lora_param_count(no_gqa, r, target_modules)
+    _checks.check_finite_scalar("figure_millions", figure_millions)
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 6:
+        raise ValueError(f"decimals must be an integer from 0 to 6 (of a million), got decimals={decimals!r}")
+    unit = 10 ** (6 - decimals)                           # 1e5 for one decimal of a million
+    wanted = round(figure_millions * 10**decimals)        # 8.4 -> 84, an integer
+    matches = []
+    for name in (available_configs() if configs is None else configs):
+        cfg = load_config(name)
+        shapes = linear_shapes(cfg)
+        for targets in target_sets:
+            names = resolve_targets(targets)
+            max_r = min(min(shapes[m]) for m in names)    # r <= min(d, k) for every target
+            key = targets if isinstance(targets, str) else names
+            for r in ranks:
+                if r > max_r:
+                    continue
+                count = lora_param_count(cfg, r, names)
+                if (2 * count + unit) // (2 * unit) == wanted:    # round half up, in integers
+                    matches.append(CountMatch(name, key, r, count))
+    return matches
 
 
 def _bias_modules(config):
@@ -256,10 +331,14 @@ def base_param_count(config):
     return sum(base_param_breakdown(config).values())
 
 
-def adapter_bytes(config, r, target_modules, bytes_per_param=2):
-    """Size of the saved adapter weights: |LoRA params| * bytes_per_param (2 for bf16/fp16).
+def adapter_bytes(config, r, target_modules, bytes_per_param=4):
+    """Size of the saved adapter weights: |LoRA params| * bytes_per_param.
 
-    This is the tensor data only; a safetensors file adds a small JSON header.
+    The default, 4 (fp32), is what PEFT writes: get_peft_model(..., autocast_adapter_dtype=True),
+    its default, upcasts bf16/fp16 adapter weights to fp32, and save_pretrained keeps them so,
+    even on a bf16 base model. Pass 2 for an adapter cast to bf16/fp16 before saving.
+    This is the tensor data only: adapter_model.safetensors adds an 8-byte length and a JSON
+    header (about 130 bytes per tensor, two tensors per adapted matrix; tests/test_budget.py).
     """
     _checks.check_finite_scalar("bytes_per_param", bytes_per_param)
     if bytes_per_param <= 0:
@@ -326,41 +405,54 @@ class MemoryEstimate:
         return self.total_bytes / 2**30
 
 
-def _adam_mixed_precision(n, prefix=""):
-    """Bytes for n trainable parameters under mixed-precision Adam: 16 bytes/param.
+def _scheme(scheme):
+    if scheme not in OPTIMIZER_SCHEMES:
+        raise ValueError(f"unknown optimizer scheme={scheme!r}; known schemes: {list(OPTIMIZER_SCHEMES)}")
+    return OPTIMIZER_SCHEMES[scheme]
 
-    bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + Adam m 4 + Adam v 4
-    (the "2 + 2 + 12" of Rajbhandari et al. 2020, ZeRO, Sec. 3.1, with K = 12).
+
+def bytes_per_param(scheme="mixed-precision Adam"):
+    """Training state per trainable parameter under `scheme` (a key of OPTIMIZER_SCHEMES), in bytes.
+
+    fp32 Adam 16, mixed-precision Adam 16, bf16 weights + fp32 Adam 12, mixed-precision
+    8-bit Adam 10.03125, pure bf16 Adam 8, bf16 + 8-bit Adam 6.03125 (8-bit: 2 + 8/256).
     """
-    fp32, bf16 = BYTES_PER_PARAM["fp32"], BYTES_PER_PARAM["bf16"]
-    return {
-        f"{prefix}weights (bf16)": bf16 * n,
-        f"{prefix}gradients (bf16)": bf16 * n,
-        f"{prefix}fp32 master weights": fp32 * n,
-        f"{prefix}Adam m (fp32)": fp32 * n,
-        f"{prefix}Adam v (fp32)": fp32 * n,
-    }
+    return sum(_scheme(scheme).values())
 
 
-def full_finetune_memory(config):
-    """Full fine-tuning with mixed-precision Adam: 16 bytes for each of the N base parameters.
+def _adam_bytes(n, scheme="mixed-precision Adam", prefix=""):
+    """{component: bytes} for n trainable parameters under `scheme`.
 
-    Llama-3.1-8B: 16 * 8,030,261,248 = 128,484,179,968 bytes = 128.48 GB. Activations excluded.
+    The default, mixed-precision Adam, is 16 bytes/param: bf16 weights 2 + bf16 gradients 2 +
+    fp32 master weights 4 + Adam m 4 + Adam v 4 (the "2 + 2 + 12" of Rajbhandari et al. 2020,
+    ZeRO, Sec. 3.1, with K = 12).
+    """
+    return {f"{prefix}{part}": per_param * n for part, per_param in _scheme(scheme).items()}
+
+
+def full_finetune_memory(config, scheme="mixed-precision Adam"):
+    """Full fine-tuning: bytes_per_param(scheme) for each of the N base parameters.
+
+    Default, mixed-precision Adam with fp32 master weights (16 bytes/param), for Llama-3.1-8B:
+    16 * 8,030,261,248 = 128,484,179,968 bytes = 128.48 GB. Activations excluded.
+    The 8-bit schemes count bitsandbytes' state for every parameter; bitsandbytes keeps
+    tensors under 4096 entries (norm weights) in 32-bit state, a difference left out here.
     """
     n = base_param_count(config)
-    return MemoryEstimate("full fine-tune", n, n, _adam_mixed_precision(n))
+    return MemoryEstimate("full fine-tune", n, n, _adam_bytes(n, scheme))
 
 
 def lora_memory(config, r, target_modules):
     """LoRA: the frozen base in bf16 (2 bytes/param, no gradients, no optimizer state), plus
-    the P LoRA parameters under mixed-precision Adam (16 bytes/param).
+    the P LoRA parameters at 16 bytes/param: mixed-precision Adam, or equally fp32 adapter
+    weights, gradients, m and v (4 + 4 + 4 + 4), as PEFT keeps them by default.
 
     total = 2 N + 16 P bytes. Activations excluded.
     """
     n = base_param_count(config)
     p = lora_param_count(config, r, target_modules)
     breakdown = {"frozen base weights (bf16)": BYTES_PER_PARAM["bf16"] * n}
-    breakdown.update(_adam_mixed_precision(p, prefix="LoRA "))
+    breakdown.update(_adam_bytes(p, prefix="LoRA "))
     return MemoryEstimate("LoRA", n + p, p, breakdown)
 
 
@@ -371,8 +463,8 @@ def qlora_memory(config, r, target_modules, double_quant=True):
       - the weights of q, k, v, o, gate, up, down in every layer are NF4, at
         nf4_bits_per_param(64, double_quant) bits each (4.127 with double quantisation);
       - embed_tokens, lm_head, the RMSNorm weights and any biases stay in bf16;
-      - the P LoRA parameters take 16 bytes each, as in lora_memory (PEFT may keep them in
-        fp32 instead; paged optimizers, which move Adam state to CPU RAM, are not modelled).
+      - the P LoRA parameters take 16 bytes each, as in lora_memory (paged optimizers,
+        which move Adam state to CPU RAM, are not modelled).
     total = N_lin * bits / 8 + 2 (N - N_lin) + 16 P bytes. Activations excluded.
     """
     n = base_param_count(config)
@@ -383,7 +475,7 @@ def qlora_memory(config, r, target_modules, double_quant=True):
         f"frozen linear weights (NF4, {bits:.4g} bits)": n_lin * bits / 8,
         "frozen embeddings, lm_head, norms, biases (bf16)": BYTES_PER_PARAM["bf16"] * (n - n_lin),
     }
-    breakdown.update(_adam_mixed_precision(p, prefix="LoRA "))
+    breakdown.update(_adam_bytes(p, prefix="LoRA "))
     return MemoryEstimate("QLoRA", n + p, p, breakdown)
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lora_ref import budget
 
 LLAMA_8B = "llama-3.1-8b"
-SHIPPED = ["llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2-72b"]
+SHIPPED = ["llama-2-7b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2-72b"]
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,11 @@ def llama8b():
 
 # ----------------------------------------------------------------------------- configs
 
-def test_shipped_configs_are_the_four_models_with_their_hub_source():
+def test_shipped_configs_are_the_five_models_with_their_hub_source():
     assert budget.available_configs() == sorted(SHIPPED)
     sources = {name: budget.load_config(name)["_source"] for name in SHIPPED}
     assert sources == {
+        "llama-2-7b": "meta-llama/Llama-2-7b-hf",
         "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
         "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
         "mistral-7b": "mistralai/Mistral-7B-v0.1",
@@ -39,6 +40,16 @@ def test_llama_3_1_8b_config_has_the_published_shapes(llama8b):
                     tie_word_embeddings=False, rope_theta=500000.0,
                     max_position_embeddings=131072, rms_norm_eps=1e-05)
     assert {k: llama8b[k] for k in expected} == expected
+
+
+def test_llama_2_7b_config_has_the_published_shapes_and_no_gqa():
+    cfg = budget.load_config("llama-2-7b")
+    expected = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                    tie_word_embeddings=False)
+    assert {k: cfg[k] for k in expected} == expected
+    assert budget.linear_shapes(cfg)["v_proj"] == (4096, 4096)
+    assert budget.base_param_count(cfg) == 6_738_415_616
 
 
 def test_unknown_config_name_lists_the_available_ones():
@@ -93,9 +104,47 @@ def test_base_breakdown_sums_to_base_count_and_untied_lm_head_counts_once_more(l
     assert budget.base_param_count(llama8b) - budget.base_param_count(tied) == 128256 * 4096
 
 
-def test_adapter_bytes_is_lora_count_times_bytes_per_param(llama8b):
-    assert budget.adapter_bytes(llama8b, 16, "all-linear") == 2 * 41_943_040
-    assert budget.adapter_bytes(llama8b, 16, "all-linear", bytes_per_param=4) == 4 * 41_943_040
+def test_adapter_bytes_default_is_fp32_as_peft_saves(llama8b):
+    assert budget.adapter_bytes(llama8b, 16, "all-linear") == 4 * 41_943_040
+    assert budget.adapter_bytes(llama8b, 16, "all-linear", bytes_per_param=2) == 2 * 41_943_040
+    with pytest.raises(ValueError, match="bytes_per_param=0"):
+        budget.adapter_bytes(llama8b, 16, "qv", bytes_per_param=0)
+
+
+def _safetensors_layout(path):
+    """(header bytes: 8-byte length + JSON, tensor payload bytes, {name: dtype}) of a .safetensors file."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n_header,) = struct.unpack("<Q", raw[:8])                 # little-endian u64 length of the JSON
+    header = json.loads(raw[8:8 + n_header])
+    dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return 8 + n_header, len(raw) - 8 - n_header, dtypes
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("autocast, dtype, nbytes", [(True, "F32", 4), (False, "BF16", 2)])
+def test_peft_saves_a_bf16_models_adapter_at_4_bytes_per_param_by_default(
+        make_tiny_llama, tmp_path, autocast, dtype, nbytes):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = make_tiny_llama().to(torch.bfloat16)              # a bf16 base, as models are shipped
+    cfg = base.config.to_dict()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                autocast_adapter_dtype=autocast)
+    model.save_pretrained(tmp_path)
+    header, payload, dtypes = _safetensors_layout(tmp_path / "adapter_model.safetensors")
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == budget.lora_param_count(cfg, 4, "qv") == 896
+    assert set(dtypes.values()) == {dtype} and len(dtypes) == 2 * 2 * 2   # A, B x q, v x 2 layers
+    assert payload == nbytes * trainable
+    if autocast:                                              # PEFT's default
+        assert payload == budget.adapter_bytes(cfg, 4, "qv")
+    else:
+        assert payload == budget.adapter_bytes(cfg, 4, "qv", bytes_per_param=2)
+    # the header: 8 + 1,016 bytes for these 8 tensors with PEFT 0.21.2, i.e. about 130 per tensor
+    assert 100 * len(dtypes) < header < 160 * len(dtypes)
 
 
 _small_config = st.builds(
@@ -128,16 +177,100 @@ def test_correct_counts_are_not_the_published_wrong_figures(llama8b):
     assert ours.isdisjoint({"4.2M", "8.4M", "24.6M", "98.3M"})
 
 
-def test_ignoring_gqa_gives_the_published_8_4M_for_qv_at_r16(llama8b):
-    # v_proj taken as 4096 -> 4096 instead of 4096 -> 1024:  32 * 16 * (8192 + 8192)
-    wrong = budget.lora_param_count_ignoring_gqa(llama8b, 16, "qv")
-    assert wrong == 32 * 16 * (8192 + 8192) == 8_388_608
-    assert _millions(wrong) == "8.4M"
-    assert budget.lora_param_count(llama8b, 16, "qv") == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+def test_published_4_2M_and_8_4M_are_right_for_llama_2_7b_on_qv_at_r8_and_r16():
+    found = {f: {(m.config, m.targets, m.r, m.count) for m in budget.search_lora_counts(f)}
+             for f in (4.2, 8.4)}
+    assert found == {
+        4.2: {("llama-2-7b", "qv", 8, 4_194_304), ("llama-2-7b", "attention", 4, 4_194_304)},
+        8.4: {("llama-2-7b", "qv", 16, 8_388_608), ("llama-2-7b", "attention", 8, 8_388_608)},
+    }
+    assert 4_194_304 == 32 * 8 * (8192 + 8192) and 8_388_608 == 32 * 16 * (8192 + 8192)
+
+
+def test_single_modules_of_llama_3_1_8b_at_r16_give_4_2M():
+    singles = [[m] for m in budget.LINEAR_MODULES]
+    found = {(m.targets, m.r) for m in budget.search_lora_counts(4.2, configs=[LLAMA_8B], target_sets=singles)}
+    assert found == {(("q_proj",), 16), (("o_proj",), 16)}
+
+
+@pytest.mark.parametrize("figure", [24.6, 98.3])
+def test_no_shipped_configuration_gives_24_6M_or_98_3M_even_over_all_module_subsets(figure):
+    assert len(budget.module_subsets()) == 2**7 - 1
+    assert budget.search_lora_counts(figure, target_sets=budget.module_subsets()) == []
+
+
+def test_search_rounds_half_up_in_millions(llama8b):
+    # 6,815,744 (Llama-3.1-8B, q, v, r = 16) is 6.8M at one decimal and 6.82M at two
+    assert (LLAMA_8B, "qv", 16, 6_815_744) in budget.search_lora_counts(6.8)
+    assert (LLAMA_8B, "qv", 16, 6_815_744) in budget.search_lora_counts(6.82, decimals=2)
+    assert (LLAMA_8B, "qv", 16, 6_815_744) not in budget.search_lora_counts(6.9)
+    # r above min(d_in, d_out) of a target is skipped, never an error
+    assert budget.search_lora_counts(1e6, ranks=(2**20,)) == []
+
+
+def test_search_bad_input_is_named():
+    with pytest.raises(ValueError, match="decimals=7"):
+        budget.search_lora_counts(8.4, decimals=7)
+    with pytest.raises(ValueError, match="'llama-9b'"):
+        budget.search_lora_counts(8.4, configs=["llama-9b"])
 
 
 def test_full_finetune_of_8b_is_128_GB_not_72(llama8b):
     assert f"{budget.full_finetune_memory(llama8b).gb:.0f}" == "128"
+
+
+def test_optimizer_schemes_span_6_to_16_bytes_per_param_and_sum_their_parts(llama8b):
+    per_param = {s: budget.bytes_per_param(s) for s in budget.OPTIMIZER_SCHEMES}
+    assert per_param == {
+        "fp32 Adam": 16, "mixed-precision Adam": 16, "bf16 weights, fp32 Adam, no master": 12,
+        "mixed-precision 8-bit Adam": 2 + 2 + 4 + 2 + 8 / 256, "pure bf16 Adam": 8,
+        "bf16 weights, 8-bit Adam, no master": 2 + 2 + 2 + 8 / 256,
+    }
+    n = budget.base_param_count(llama8b)
+    for s, b in per_param.items():
+        est = budget.full_finetune_memory(llama8b, s)
+        assert est.total_bytes == sum(est.breakdown.values()) == b * n
+    assert budget.full_finetune_memory(llama8b).breakdown == budget.full_finetune_memory(
+        llama8b, "mixed-precision Adam").breakdown
+    with pytest.raises(ValueError, match="scheme='adam'.*'mixed-precision Adam'"):
+        budget.full_finetune_memory(llama8b, "adam")
+
+
+def test_72_GB_for_llama_3_1_8b_is_nearest_pure_bf16_adam(llama8b):
+    per_param = 72e9 / budget.base_param_count(llama8b)
+    assert round(per_param, 2) == 8.97
+    nearest = min(budget.OPTIMIZER_SCHEMES, key=lambda s: abs(budget.bytes_per_param(s) - per_param))
+    assert nearest == "pure bf16 Adam"
+
+
+def _state_bytes(opt, p):
+    """Bytes of the per-parameter state tensors that optimizer `opt` holds for p (not shared maps)."""
+    import torch
+    return sum(v.numel() * v.element_size() for k, v in opt.state[p].items()
+               if torch.is_tensor(v) and k not in ("step", "qmap1", "qmap2"))
+
+
+def test_adam_state_bytes_match_the_schemes_for_torch_and_bitsandbytes():
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    n = 8192                                                 # >= bitsandbytes' min_8bit_size 4096
+    schemes = budget.OPTIMIZER_SCHEMES
+    for dtype, scheme, parts in [
+        (torch.float32, "fp32 Adam", ("Adam m (fp32)", "Adam v (fp32)")),
+        (torch.bfloat16, "pure bf16 Adam", ("Adam m (bf16)", "Adam v (bf16)")),
+    ]:
+        p = torch.nn.Parameter(torch.randn(n, dtype=dtype))
+        opt = torch.optim.Adam([p])
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert _state_bytes(opt, p) == n * sum(schemes[scheme][k] for k in parts)
+    p = torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16))
+    opt = bnb.optim.Adam8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    parts = ("Adam m, v (8-bit codes)", "8-bit state absmax (fp32 per 256)")
+    for scheme in ("mixed-precision 8-bit Adam", "bf16 weights, 8-bit Adam, no master"):
+        assert _state_bytes(opt, p) == n * sum(schemes[scheme][k] for k in parts) == n * 2 + 2 * 4 * n // 256
 
 
 # ----------------------------------------------------------------------------- NF4 and memory
@@ -257,7 +390,7 @@ def test_base_count_equals_transformers_model_numel(name):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "mistral-7b"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "mistral-7b", "llama-2-7b"])
 @pytest.mark.parametrize("targets", ["qv", "attention", "all-linear"])
 def test_lora_count_equals_peft_trainable_count(name, targets):
     peft = pytest.importorskip("peft")
