@@ -9,9 +9,9 @@ seven linear maps, named as in Hugging Face transformers and PEFT:
                 o_proj  n_heads * head_dim -> hidden
     MLP:        gate_proj, up_proj  hidden -> intermediate,   down_proj  intermediate -> hidden
 
-LoRA on a (d_out, d_in) weight W0 trains A: (r, d_in) and B: (d_out, r), so it adds
+LoRA on a weight W0: (d, k) = (out, in) trains A: (r, k) and B: (d, r), so it adds
 
-    r (d_in + d_out)  parameters per adapted matrix,  and  L * sum_targets r (d_in + d_out)  in all.
+    r (d + k)  parameters per adapted matrix,  and  n_layers * sum_targets r (d + k)  in all.
 
 Memory estimates count weights, gradients and optimizer state only; activations
 (which grow with batch size and sequence length) are excluded everywhere.
@@ -30,9 +30,11 @@ from typing import NamedTuple
 from importlib import resources
 
 from . import _checks
+from . import targets as _targets
+from .targets import LINEAR_MODULES
 
 __all__ = [
-    "LINEAR_MODULES", "TARGET_SETS", "BYTES_PER_PARAM", "MemoryEstimate",
+    "LINEAR_MODULES", "BYTES_PER_PARAM", "MemoryEstimate", "LinearShape",
     "available_configs", "load_config", "linear_shapes", "resolve_targets",
     "lora_param_count", "module_subsets", "CountMatch", "search_lora_counts",
     "decoder_linear_param_count", "base_param_breakdown", "base_param_count", "adapter_bytes",
@@ -41,16 +43,10 @@ __all__ = [
     "forward_macs", "materialise_crossover_tokens",
 ]
 
-# The seven linear layers of one decoder layer, in PEFT's names and in model order.
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Named target sets. "qv" is the LoRA paper's choice (Hu et al. 2021, Sec. 7.1); "all-linear"
-# is PEFT's shorthand, which adapts every linear layer except the output head lm_head.
-TARGET_SETS = {
-    "qv": ("q_proj", "v_proj"),
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all-linear": LINEAR_MODULES,
-}
+# Where the seven linear layers sit in one decoder layer of a Hugging Face Llama, Mistral or
+# Qwen2: the names that target_modules is matched against (lora_ref.targets, PEFT's rule).
+_LAYER_NAMES = {m: f"model.layers.0.{'self_attn' if m in _targets.NAMED_SETS['attention'] else 'mlp'}.{m}"
+                for m in LINEAR_MODULES}
 
 # Bytes per stored number, by dtype.
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
@@ -156,13 +152,20 @@ def _head_dims(config):
 
 # ----------------------------------------------------------------------------- shapes and targets
 
-def linear_shapes(config):
-    """{module name: (d_in, d_out)} for the seven linear layers of ONE decoder layer.
+class LinearShape(NamedTuple):
+    """The shape of one linear layer's weight W0: (d, k) = (out_features, in_features)."""
 
-    Llama-3.1-8B (hidden 4096, 32 heads, 8 KV heads of 128, intermediate 14336):
-        q_proj (4096, 4096)  k_proj (4096, 1024)  v_proj (4096, 1024)  o_proj (4096, 4096)
-        gate_proj, up_proj (4096, 14336)          down_proj (14336, 4096)
-    The weight W0 of nn.Linear(d_in, d_out) is (d_out, d_in) = (d, k) in the LoRA paper's letters.
+    d: int               # output width, rows of W0 and of B
+    k: int               # input width, columns of W0 and of A
+
+
+def linear_shapes(config):
+    """{module name: LinearShape(d, k)} for the seven linear layers of ONE decoder layer.
+
+    W0 is (d, k) = (out, in), as everywhere in the book. Llama-3.1-8B (hidden 4096, 32 heads,
+    8 KV heads of 128, intermediate 14336):
+        q_proj (4096, 4096)  k_proj (1024, 4096)  v_proj (1024, 4096)  o_proj (4096, 4096)
+        gate_proj, up_proj (14336, 4096)          down_proj (4096, 14336)
     """
     hidden = _get_dim(config, "hidden_size")
     inter = _get_dim(config, "intermediate_size")
@@ -170,48 +173,36 @@ def linear_shapes(config):
     q_out = n_heads * head_dim               # all query heads
     kv_out = n_kv * head_dim                 # GQA: only n_kv heads of keys and values
     return {
-        "q_proj": (hidden, q_out),
-        "k_proj": (hidden, kv_out),
-        "v_proj": (hidden, kv_out),
-        "o_proj": (q_out, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
+        "q_proj": LinearShape(d=q_out, k=hidden),
+        "k_proj": LinearShape(d=kv_out, k=hidden),
+        "v_proj": LinearShape(d=kv_out, k=hidden),
+        "o_proj": LinearShape(d=hidden, k=q_out),
+        "gate_proj": LinearShape(d=inter, k=hidden),
+        "up_proj": LinearShape(d=inter, k=hidden),
+        "down_proj": LinearShape(d=hidden, k=inter),
     }
 
 
 def resolve_targets(target_modules):
-    """A named set ("qv", "attention", "all-linear") or a list of module names -> tuple of names.
+    r"""The modules of one decoder layer that ``target_modules`` selects, in model order.
 
-    Duplicates collapse (PEFT keeps target_modules as a set); the result is in model order.
+    The rule is PEFT's, from ``lora_ref.targets``, applied to the names the layers have in a
+    Hugging Face model ("model.layers.0.self_attn.q_proj", ...), so a count here adapts the
+    same layers as ``torch.add_lora`` or PEFT would: ["q_proj", "v_proj"] or the named set
+    "qv" -> ("q_proj", "v_proj"); r".*\.(q|v)_proj" the same; "all-linear" all seven (the
+    output layer lm_head is not a decoder layer's); the bare string "q_proj" is a regex
+    that matches no whole name, and raises.
     """
-    if isinstance(target_modules, str):
-        if target_modules in TARGET_SETS:
-            return TARGET_SETS[target_modules]
-        hint = f"; for one module pass a list, [{target_modules!r}]" if target_modules in LINEAR_MODULES else ""
-        raise ValueError(
-            f"unknown target set {target_modules!r}: named sets are {sorted(TARGET_SETS)}{hint}"
-        )
-    try:
-        names = list(target_modules)
-    except TypeError:
-        raise TypeError(
-            f"target_modules must be a named set or a list of module names, got {target_modules!r}"
-        ) from None
-    if not names:
-        raise ValueError("target_modules is empty: LoRA needs at least one module to adapt")
-    for name in names:
-        if name not in LINEAR_MODULES:
-            raise ValueError(f"unknown module name {name!r}: valid names are {list(LINEAR_MODULES)}")
-    return tuple(m for m in LINEAR_MODULES if m in set(names))
+    chosen = _targets.select(list(_LAYER_NAMES.values()), target_modules)
+    return tuple(m for m, full in _LAYER_NAMES.items() if full in chosen)
 
 
 # ----------------------------------------------------------------------------- parameter counts
 
 def lora_param_count(config, r, target_modules):
-    """Trainable LoRA parameters:  L * sum_targets r (d_in + d_out).
+    """Trainable LoRA parameters:  n_layers * sum_targets r (d + k).
 
-    A: (r, d_in) has r d_in entries and B: (d_out, r) has r d_out; L = num_hidden_layers.
+    A: (r, k) has r k entries and B: (d, r) has d r.
     Llama-3.1-8B, r=16: "qv" 6,815,744; "attention" 13,631,488; "all-linear" 41,943,040.
     """
     _checks.check_rank(r)
@@ -219,9 +210,9 @@ def lora_param_count(config, r, target_modules):
     shapes = linear_shapes(config)
     per_layer = 0
     for name in resolve_targets(target_modules):
-        d_in, d_out = shapes[name]
-        _checks.check_rank(r, d_out, d_in)            # rank(B A) <= min(d, k)
-        per_layer += r * (d_in + d_out)               # |A| + |B| = r k + d r
+        d, k = shapes[name]
+        _checks.check_rank(r, d, k)                   # rank(B A) <= min(d, k)
+        per_layer += r * (d + k)                      # |A| + |B| = r k + d r
     return n_layers * per_layer
 
 
@@ -241,13 +232,13 @@ class CountMatch(NamedTuple):
 
 
 def search_lora_counts(figure_millions, decimals=1, configs=None,
-                       target_sets=tuple(TARGET_SETS), ranks=tuple(2**e for e in range(11))):
+                       target_sets=(*_targets.NAMED_SETS, _targets.ALL_LINEAR), ranks=tuple(2**e for e in range(11))):
     """Every (config, targets, r) whose LoRA count rounds to `figure_millions` million.
 
     A published figure such as "8.4M" is checked against every combination of the shipped
     configs (or `configs`, a list of names) x `target_sets` (named sets or lists of module
     names; module_subsets() gives all 127) x `ranks` (default r = 1, 2, 4, ..., 1024; an r
-    above min(d_in, d_out) of a target is skipped). A count matches when it rounds, half up,
+    above min(d, k) of a target is skipped). A count matches when it rounds, half up,
     to the figure at `decimals` decimals of a million: 8,388,608 -> 8.4.
     It says which configurations a figure is right for; it cannot say why a source wrote it.
     """
@@ -274,7 +265,7 @@ def search_lora_counts(figure_millions, decimals=1, configs=None,
 
 
 def _bias_modules(config):
-    """The linear layers that carry a bias vector (of size d_out), as transformers builds them.
+    """The linear layers that carry a bias vector (of size d, the output width), as transformers builds them.
 
     qwen2: q, k, v always (Qwen2Attention hard-codes bias=True; o_proj has none).
     mistral: none.  llama and others: q, k, v, o if attention_bias; gate, up, down if mlp_bias.
@@ -293,21 +284,21 @@ def _bias_modules(config):
 
 
 def decoder_linear_param_count(config):
-    """Weights of the linear layers of all decoder layers: L * sum_7 d_in d_out (no biases).
+    """Weights of the linear layers of all decoder layers: n_layers * sum_7 d k (no biases).
 
     These are the weights that QLoRA stores in NF4.
     """
     n_layers = _get_dim(config, "num_hidden_layers")
-    return n_layers * sum(d_in * d_out for d_in, d_out in linear_shapes(config).values())
+    return n_layers * sum(d * k for d, k in linear_shapes(config).values())
 
 
 def base_param_breakdown(config):
     """Parameters of the base model, by component (they sum to base_param_count).
 
     embed_tokens     V h
-    linear weights   L sum_7 d_in d_out
-    linear biases    L sum_{biased} d_out            (Qwen2: q, k, v)
-    layer norms      L * 2 h                          (input and post-attention RMSNorm weights)
+    linear weights   n_layers sum_7 d k
+    linear biases    n_layers sum_{biased} d          (Qwen2: q, k, v)
+    layer norms      n_layers * 2 h                          (input and post-attention RMSNorm weights)
     final norm       h
     lm_head          V h, or 0 when tie_word_embeddings (it reuses embed_tokens)
     """
@@ -319,7 +310,7 @@ def base_param_breakdown(config):
     return {
         "embed_tokens": vocab * hidden,
         "linear weights": decoder_linear_param_count(config),
-        "linear biases": n_layers * sum(shapes[m][1] for m in _bias_modules(config)),
+        "linear biases": n_layers * sum(shapes[m].d for m in _bias_modules(config)),
         "layer norms": n_layers * 2 * hidden,
         "final norm": hidden,
         "lm_head": 0 if tied else vocab * hidden,

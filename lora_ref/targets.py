@@ -116,7 +116,10 @@ def select(names, target_modules, *, output_layers=(), required=True):
     if not chosen and required:
         endings = sorted({n.rpartition(".")[2] for n in names})
         hint = ""
-        if isinstance(targets, str) and targets in {n.rpartition(".")[2] for n in names}:
+        shorthands = [ALL_LINEAR, *NAMED_SETS]
+        if isinstance(targets, str) and targets.lower().replace("_", "-") in shorthands:
+            hint = f"; the shorthands are {shorthands}"
+        elif isinstance(targets, str) and targets in {n.rpartition(".")[2] for n in names}:
             hint = (f"; a string is a regex matched against the WHOLE name (re.fullmatch), "
                     f"so for the layers named {targets!r} pass a list, [{targets!r}]")
         raise ValueError(

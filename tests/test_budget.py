@@ -60,17 +60,19 @@ def test_unknown_config_name_lists_the_available_ones():
 # ----------------------------------------------------------------------------- shapes
 
 def test_gqa_makes_k_and_v_proj_4096_to_1024_in_llama_3_1_8b(llama8b):
+    # W0 is (d, k) = (out, in), as everywhere in the book
     assert budget.linear_shapes(llama8b) == {
-        "q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
-        "o_proj": (4096, 4096), "gate_proj": (4096, 14336), "up_proj": (4096, 14336),
-        "down_proj": (14336, 4096),
+        "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
+        "o_proj": (4096, 4096), "gate_proj": (14336, 4096), "up_proj": (14336, 4096),
+        "down_proj": (4096, 14336),
     }
+    assert budget.linear_shapes(llama8b)["k_proj"].d == 1024
 
 
 def test_head_dim_defaults_to_hidden_over_heads_and_kv_heads_to_heads():
     cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8)
     assert budget.linear_shapes(cfg)["k_proj"] == (64, 64)                     # no GQA
-    assert budget.linear_shapes({**cfg, "head_dim": 16})["q_proj"] == (64, 128)  # explicit head_dim
+    assert budget.linear_shapes({**cfg, "head_dim": 16})["q_proj"] == (128, 64)  # explicit head_dim
 
 
 def test_named_target_sets_resolve_to_module_names():
@@ -78,6 +80,13 @@ def test_named_target_sets_resolve_to_module_names():
     assert budget.resolve_targets("attention") == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert budget.resolve_targets("all-linear") == budget.LINEAR_MODULES
     assert budget.resolve_targets(["v_proj", "q_proj", "v_proj"]) == ("q_proj", "v_proj")
+
+
+def test_targets_follow_peft_rule_regexes_suffixes_and_bare_strings():
+    assert budget.resolve_targets(r".*\.(q|v)_proj") == ("q_proj", "v_proj")
+    assert budget.resolve_targets(["mlp.down_proj", "self_attn.o_proj"]) == ("o_proj", "down_proj")
+    with pytest.raises(ValueError, match=r"regex.*\['q_proj'\]"):
+        budget.resolve_targets("q_proj")                    # PEFT: a string is a regex full match
 
 
 # ----------------------------------------------------------------------------- LoRA counts
@@ -204,7 +213,7 @@ def test_search_rounds_half_up_in_millions(llama8b):
     assert (LLAMA_8B, "qv", 16, 6_815_744) in budget.search_lora_counts(6.8)
     assert (LLAMA_8B, "qv", 16, 6_815_744) in budget.search_lora_counts(6.82, decimals=2)
     assert (LLAMA_8B, "qv", 16, 6_815_744) not in budget.search_lora_counts(6.9)
-    # r above min(d_in, d_out) of a target is skipped, never an error
+    # r above min(d, k) of a target is skipped, never an error
     assert budget.search_lora_counts(1e6, ranks=(2**20,)) == []
 
 
@@ -340,11 +349,13 @@ def test_bad_rank_is_rejected_with_its_value(llama8b, r, exc, match):
 
 def test_unknown_module_name_is_named_and_valid_names_listed(llama8b):
     with pytest.raises(ValueError, match=r"'qkv_proj'.*'q_proj'"):
-        budget.lora_param_count(llama8b, 16, ["q_proj", "qkv_proj"])
+        budget.lora_param_count(llama8b, 16, ["qkv_proj"])
+    # as in PEFT, a list needs only one name to match: the others select nothing
+    assert budget.lora_param_count(llama8b, 16, ["q_proj", "qkv_proj"]) == budget.lora_param_count(llama8b, 16, ["q_proj"])
 
 
 def test_unknown_target_set_is_named(llama8b):
-    with pytest.raises(ValueError, match=r"'all_linear'.*all-linear"):
+    with pytest.raises(ValueError, match=r"'all_linear'.*shorthands.*all-linear"):
         budget.lora_param_count(llama8b, 16, "all_linear")
     with pytest.raises(ValueError, match=r"\['q_proj'\]"):          # a bare module name
         budget.lora_param_count(llama8b, 16, "q_proj")
@@ -382,11 +393,11 @@ def test_base_count_equals_transformers_model_numel(name):
     cfg = budget.load_config(name)
     model = _meta_model(cfg)
     assert budget.base_param_count(cfg) == sum(p.numel() for p in model.parameters())
-    # the shapes too: nn.Linear(d_in, d_out).weight is (d_out, d_in)
+    # the shapes too: W0 = nn.Linear(k, d).weight is (d, k)
     layer0 = model.model.layers[0]
-    for name_, (d_in, d_out) in budget.linear_shapes(cfg).items():
-        parent = layer0.self_attn if name_ in budget.TARGET_SETS["attention"] else layer0.mlp
-        assert tuple(getattr(parent, name_).weight.shape) == (d_out, d_in)
+    for name_, shape in budget.linear_shapes(cfg).items():
+        parent = layer0.self_attn if name_ in ("q_proj", "k_proj", "v_proj", "o_proj") else layer0.mlp
+        assert tuple(getattr(parent, name_).weight.shape) == shape
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
