@@ -377,15 +377,20 @@ def exact_match(model, examples, max_new_tokens: int | None = None) -> float:
     return sum(p == a for p, (_, a) in zip(preds, examples)) / len(examples)
 
 
-def _progress_bar(steps, enabled):
-    """A tqdm bar for readers in a live kernel; None in the book build and under nbval.
-
-    ``make`` sets LORA_BOOK_QUIET=1 for the build, nbval and ``make execute``, so the committed
-    outputs hold no bar (a bar is a widget, or stderr text that changes every run).
-    """
+def _quiet():
+    """True in the book build, under nbval and in CI: LORA_BOOK_QUIET=1 (``make`` exports it for
+    the build, nbval and ``make execute``) or CI=true (set by GitHub Actions and most CI systems)."""
     import os
 
-    if not enabled or os.environ.get("LORA_BOOK_QUIET") == "1":
+    return os.environ.get("LORA_BOOK_QUIET") == "1" or os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def _progress_bar(steps, enabled):
+    """A tqdm.auto bar (a widget in Jupyter, text in a terminal) for readers in a live kernel;
+    None when not ``enabled`` or when quiet (see _quiet), so the committed and checked outputs
+    hold no bar (a bar is a widget, or stderr text that changes every run).
+    """
+    if not enabled or _quiet():
         return None
     from tqdm.auto import tqdm
 
@@ -398,6 +403,7 @@ def train(model, examples, steps: int, batch_size: int = 32, lr: float = 5e-3,
     """AdamW on the trainable parameters of ``model`` (e.g. a PEFT model: only LoRA factors)
     over ``steps`` batches of ``batch_size`` pairs drawn in order from ``examples`` (cycled),
     with linear warm-up and cosine decay. Returns ``{"losses": [...], "seconds": s}``.
+    ``progress=True`` shows a tqdm.auto bar, except in the book build, nbval and CI (_quiet).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
