@@ -8,6 +8,7 @@ pytest.importorskip("transformers")
 tqdm_auto = pytest.importorskip("tqdm.auto")
 
 from lora_ref import tiny  # noqa: E402
+from lora_ref.tiny import training  # noqa: E402
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def live(monkeypatch):
 
 
 def test_progress_bar_is_a_tqdm_auto_bar_for_a_live_reader(live):
-    bar = tiny._progress_bar(5, enabled=True)
+    bar = training._progress_bar(5, enabled=True)
     try:
         assert isinstance(bar, tqdm_auto.tqdm) and bar.total == 5
     finally:
@@ -29,11 +30,11 @@ def test_progress_bar_is_a_tqdm_auto_bar_for_a_live_reader(live):
 @pytest.mark.parametrize("name, value", [("LORA_BOOK_QUIET", "1"), ("CI", "true"), ("CI", "True"), ("CI", "1")])
 def test_progress_bar_is_off_in_the_book_build_nbval_and_ci(live, name, value):
     live.setenv(name, value)
-    assert tiny._progress_bar(5, enabled=True) is None
+    assert training._progress_bar(5, enabled=True) is None
 
 
 def test_progress_bar_is_off_unless_asked_for(live):
-    assert tiny._progress_bar(5, enabled=False) is None
+    assert training._progress_bar(5, enabled=False) is None
 
 
 def _train_two_steps():

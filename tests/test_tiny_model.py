@@ -149,3 +149,30 @@ def test_a_short_lora_fine_tune_lowers_the_task_loss(model):
     merged_free = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                    for k, v in peft_model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(merged_free[k], v) for k, v in base.items())
+
+
+# --------------------------------------------------------------------------- the shared training loop
+
+def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    from lora_ref.tiny import lr_factor
+    assert [lr_factor(s, 100, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 100, 4) == 1.0                              # t = 0: the peak
+    assert lr_factor(52, 100, 4) == pytest.approx(0.5)              # t = 1/2: halfway down the cosine
+    assert lr_factor(100, 100, 4, min_lr_frac=0.1) == pytest.approx(0.1)
+
+
+def test_fine_tune_trains_a_copy_fully_or_only_lora_factors():
+    from lora_ref import torch as lt
+    base = tiny.load_tiny_llama()
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    data = tiny.task_examples("train", 16, seed=0)
+    lora, run = tiny.fine_tune(base, data, steps=2, r=2, batch_size=4, seed=3)
+    assert len(lora_layers := lt.lora_modules(lora)) == 7 * tiny.CONFIG["num_hidden_layers"]
+    assert {n for n, p in lora.named_parameters() if p.requires_grad} == \
+        {f"{m}.lora_{f}" for m in lora_layers for f in "AB"}
+    assert all(layer.scaling == 2.0 for layer in lora_layers.values())      # alpha = 2 r by default
+    full, _ = tiny.fine_tune(base, data, steps=2, batch_size=4, seed=3)
+    assert all(p.requires_grad for p in full.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())   # the base is untouched
+    again, run2 = tiny.fine_tune(base, data, steps=2, r=2, batch_size=4, seed=3)
+    assert run2["losses"] == run["losses"]                                    # one seed fixes the run
