@@ -166,6 +166,8 @@ def linear_shapes(config):
     8 KV heads of 128, intermediate 14336):
         q_proj (4096, 4096)  k_proj (1024, 4096)  v_proj (1024, 4096)  o_proj (4096, 4096)
         gate_proj, up_proj (14336, 4096)          down_proj (4096, 14336)
+
+    Book: eq-ch01-shapes (notebooks/01_cost_of_finetuning).
     """
     hidden = _get_dim(config, "hidden_size")
     inter = _get_dim(config, "intermediate_size")
@@ -204,6 +206,8 @@ def lora_param_count(config, r, target_modules):
 
     A: (r, k) has r k entries and B: (d, r) has d r.
     Llama-3.1-8B, r=16: "qv" 6,815,744; "attention" 13,631,488; "all-linear" 41,943,040.
+
+    Book: eq-ch01-lora (notebooks/01_cost_of_finetuning).
     """
     _checks.check_rank(r)
     n_layers = _get_dim(config, "num_hidden_layers")
@@ -301,6 +305,8 @@ def base_param_breakdown(config):
     layer norms      n_layers * 2 h                          (input and post-attention RMSNorm weights)
     final norm       h
     lm_head          V h, or 0 when tie_word_embeddings (it reuses embed_tokens)
+
+    Book: eq-ch01-base (notebooks/01_cost_of_finetuning).
     """
     hidden = _get_dim(config, "hidden_size")
     vocab = _get_dim(config, "vocab_size")
@@ -318,7 +324,10 @@ def base_param_breakdown(config):
 
 
 def base_param_count(config):
-    """All parameters of the base model (Llama-3.1-8B: 8,030,261,248)."""
+    """All parameters of the base model (Llama-3.1-8B: 8,030,261,248).
+
+    Book: eq-ch01-base (notebooks/01_cost_of_finetuning).
+    """
     return sum(base_param_breakdown(config).values())
 
 
@@ -428,6 +437,8 @@ def full_finetune_memory(config, scheme="mixed-precision Adam"):
     16 * 8,030,261,248 = 128,484,179,968 bytes = 128.48 GB. Activations excluded.
     The 8-bit schemes count bitsandbytes' state for every parameter; bitsandbytes keeps
     tensors under 4096 entries (norm weights) in 32-bit state, a difference left out here.
+
+    Book: eq-ch01-full (notebooks/01_cost_of_finetuning).
     """
     n = base_param_count(config)
     return MemoryEstimate("full fine-tune", n, n, _adam_bytes(n, scheme))
@@ -439,6 +450,8 @@ def lora_memory(config, r, target_modules):
     weights, gradients, m and v (4 + 4 + 4 + 4), as PEFT keeps them by default.
 
     total = 2 N + 16 P bytes. Activations excluded.
+
+    Book: eq-ch01-lora-mem (notebooks/01_cost_of_finetuning).
     """
     n = base_param_count(config)
     p = lora_param_count(config, r, target_modules)
@@ -457,6 +470,8 @@ def qlora_memory(config, r, target_modules, double_quant=True):
       - the P LoRA parameters take 16 bytes each, as in lora_memory (paged optimizers,
         which move Adam state to CPU RAM, are not modelled).
     total = N_lin * bits / 8 + 2 (N - N_lin) + 16 P bytes. Activations excluded.
+
+    Book: eq-ch01-lora-mem (notebooks/01_cost_of_finetuning).
     """
     n = base_param_count(config)
     n_lin = decoder_linear_param_count(config)
@@ -479,6 +494,8 @@ def forward_macs(T, d, k, r, how="factored"):
     how="factored":     x W0^T + s (x A^T) B^T          T d k + T r k + T r d  =  T (d k + r (k + d))
     how="materialised": form W0 + s B A, then x W^T     d r k + T d k
     (the d k additions and scalings are O(d k + T d) and left out; one MAC is 2 FLOPs.)
+
+    Book: eq-ch02-macs (notebooks/02_forward_pass).
     """
     for name, value in (("T", T), ("d", d), ("k", k)):
         _checks.check_dim(name, value)
@@ -497,6 +514,8 @@ def materialise_crossover_tokens(d, k):
 
     factored - materialised = T r (k + d) - d r k > 0   <=>   T > d k / (d + k) = T*,
     independent of r (r cancels). For d = k, T* = d / 2.
+
+    Book: eq-ch02-crossover, prop-ch02-crossover (notebooks/02_forward_pass).
     """
     _checks.check_dim("d", d)
     _checks.check_dim("k", k)

@@ -39,6 +39,8 @@ def scaling(alpha, r, rslora=False):
 
     s = alpha / r           (LoRA, Hu et al. 2021)
     s = alpha / sqrt(r)     (rsLoRA, Kalajdzievski 2023: keeps the update's scale stable as r grows)
+
+    Book: eq-ch02-forward (notebooks/02_forward_pass).
     """
     _checks.check_finite_scalar("alpha", alpha)
     _checks.check_rank(r)
@@ -101,6 +103,8 @@ def lora_forward(x, W0, A, B, scaling):
 
     x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r)  ->  y: (..., d)
     Cost per token: d k (base) + r (k + d) (bypass), never the d k r of forming B A.
+
+    Book: eq-ch02-rows, eq-ch02-macs (notebooks/02_forward_pass).
     """
     d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
     _checks.check_inputs(_shape(x), k)
@@ -110,14 +114,20 @@ def lora_forward(x, W0, A, B, scaling):
 
 
 def delta_w(A, B, scaling):
-    """The weight update Delta W = s B A, a (d, k) matrix of rank <= r."""
+    """The weight update Delta W = s B A, a (d, k) matrix of rank <= r.
+
+    Book: eq-ch02-forward, prop-ch02-rank (notebooks/02_forward_pass).
+    """
     _checks.check_factors(_shape(A), _shape(B))
     _checks.check_finite_scalar("scaling", scaling)
     return scaling * (B @ A)                      # (d, r) @ (r, k) -> (d, k)
 
 
 def merge(W0, A, B, scaling):
-    """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards)."""
+    """W = W0 + s B A: fold the adapter into the weight (zero extra latency afterwards).
+
+    Book: eq-ch02-merge (notebooks/02_forward_pass).
+    """
     _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
     for name, a in (("W0", W0), ("A", A), ("B", B)):
         _check_finite(name, a)
@@ -125,7 +135,10 @@ def merge(W0, A, B, scaling):
 
 
 def unmerge(W, A, B, scaling):
-    """W0 = W - s B A: recover the base weight (exact in exact arithmetic)."""
+    """W0 = W - s B A: recover the base weight (exact in exact arithmetic).
+
+    Book: eq-ch02-merge, prop-ch02-roundtrip (notebooks/02_forward_pass).
+    """
     _checks.check_weight_and_factors(_shape(W), _shape(A), _shape(B), W_name="W")
     for name, a in (("W", W), ("A", A), ("B", B)):
         _check_finite(name, a)
@@ -135,10 +148,10 @@ def unmerge(W, A, B, scaling):
 def lora_grads(x, grad_y, A, B, scaling):
     """Hand-derived gradients of a loss L through the LoRA bypass.
 
-    Column convention (the paper's), X: (k, n), G = dL/dY: (d, n):
-        dL/dB = s G (A X)^T          (d, r)
-        dL/dA = s B^T G X^T          (r, k)
-    Row convention used here, x = X^T: (n, k), g = G^T: (n, d):
+    Column convention (the paper's), X: (k, n), Ybar = dL/dY: (d, n), G = dL/dW = Ybar X^T: (d, k):
+        dL/dB = s Ybar (A X)^T = s G A^T          (d, r)
+        dL/dA = s B^T Ybar X^T = s B^T G          (r, k)
+    Row convention used here, x = X^T: (n, k), g = Ybar^T: (n, d):
         dL/dB = s g^T (x A^T)        (d, n) @ (n, r)
         dL/dA = s (g B)^T x          (r, n) @ (n, k)
     At B = 0, dL/dA = 0: only B moves on the first step.
@@ -151,6 +164,6 @@ def lora_grads(x, grad_y, A, B, scaling):
     x2 = x.reshape(-1, k)                         # (n, k)
     g2 = grad_y.reshape(-1, d)                    # (n, d)
     z = x2 @ A.T                                  # (n, r)   z = A x
-    dB = scaling * (g2.T @ z)                     # (d, r)   s G (A X)^T = s G Z^T
-    dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T G X^T
+    dB = scaling * (g2.T @ z)                     # (d, r)   s Ybar (A X)^T
+    dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T Ybar X^T
     return dA, dB

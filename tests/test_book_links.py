@@ -1,0 +1,72 @@
+"""Library <-> book: each function that computes a formula of a chapter names it in its
+docstring ("Book: eq-ch02-rows (notebooks/02_forward_pass)."), and that label exists there."""
+
+import importlib
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+)\)\.")
+MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral"]
+
+# The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
+REQUIRED = {
+    "lora_ref.numpy.scaling": "eq-ch02-forward",
+    "lora_ref.numpy.lora_forward": "eq-ch02-rows",
+    "lora_ref.numpy.delta_w": "prop-ch02-rank",
+    "lora_ref.numpy.merge": "eq-ch02-merge",
+    "lora_ref.numpy.unmerge": "prop-ch02-roundtrip",
+    "lora_ref.budget.linear_shapes": "eq-ch01-shapes",
+    "lora_ref.budget.base_param_count": "eq-ch01-base",
+    "lora_ref.budget.lora_param_count": "eq-ch01-lora",
+    "lora_ref.budget.full_finetune_memory": "eq-ch01-full",
+    "lora_ref.budget.qlora_memory": "eq-ch01-lora-mem",
+    "lora_ref.budget.forward_macs": "eq-ch02-macs",
+    "lora_ref.budget.materialise_crossover_tokens": "eq-ch02-crossover",
+}
+
+
+def _labels(page):
+    """Equation, proposition and exercise labels defined on a page (.ipynb or .md)."""
+    path = next(p for p in (ROOT / f"{page}.ipynb", ROOT / f"{page}.md") if p.exists())
+    text = path.read_text()
+    if path.suffix == ".ipynb":
+        text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+    return set(re.findall(r"\$\$ \(([\w-]+)\)", text)) | set(re.findall(r":label: ([\w-]+)", text))
+
+
+def _public_functions():
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", []):
+            obj = getattr(module, attr)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                yield f"{name}.{attr}", inspect.getdoc(obj) or ""
+
+
+DOCS = dict(_public_functions())
+
+
+@pytest.mark.parametrize("name", sorted(n for n, d in DOCS.items() if "Book:" in d))
+def test_every_book_reference_names_a_label_that_exists(name):
+    refs = BOOK_LINE.findall(DOCS[name].replace("\n", " "))
+    assert refs, f"{name}: a 'Book:' line must read 'Book: eq-..., prop-... (notebooks/NN_topic).'"
+    for labels, page in refs:
+        missing = set(labels.split(", ")) - _labels(page)
+        assert not missing, f"{name} cites {sorted(missing)}, which {page} does not define"
+
+
+@pytest.mark.parametrize("name, label", sorted(REQUIRED.items()))
+def test_each_formula_of_the_chapters_is_linked_from_its_function(name, label):
+    assert name in DOCS, f"{name} is not public"
+    assert any(label in labels.split(", ") for labels, _ in BOOK_LINE.findall(DOCS[name].replace("\n", " "))), \
+        f"{name}'s docstring does not name {label}"
+
+
+def test_the_rule_rejects_a_label_that_does_not_exist():
+    assert "eq-ch02-nonexistent" not in _labels("notebooks/02_forward_pass")
+    assert "eq-ch02-rows" in _labels("notebooks/02_forward_pass")
