@@ -14,7 +14,7 @@ export LORA_BOOK_QUIET := 1
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 
-.PHONY: all setup book serve execute test unit nbval browser bench bench-quick clean
+.PHONY: all setup book serve execute text test unit nbval browser bench bench-quick clean
 
 all: book
 	@echo
@@ -38,9 +38,15 @@ serve:
 	@test -d _build/html || { echo "no _build/html: run 'make' first"; exit 1; }
 	$(PY) -m http.server --bind 127.0.0.1 --directory _build/html 8000
 
-# Re-execute every notebook in place (refreshes the committed outputs).
+# Re-execute every notebook in place (refreshes the committed outputs), then write their text twins.
 execute: $(VENV)
 	$(PY) tools/execute_notebooks.py $(NOTEBOOKS)
+	$(PY) tools/notebook_text.py
+
+# The chapters as MyST text (text/...md), for diffs: `make text` after editing a notebook;
+# `$(PY) tools/notebook_text.py --to-notebooks` after editing the text.
+text: $(VENV)
+	$(PY) tools/notebook_text.py
 
 unit: $(VENV)
 	$(PY) -m pytest -q tests

@@ -5,9 +5,17 @@ Pick a backend with one import; both have the same names, signatures and numbers
     from lora_ref import numpy as lr      # or: from lora_ref import torch as lr
     A, B = lr.init_lora(d, k, r, seed=0)
 
-Other modules: ``spectral`` (SVD, Eckart-Young, effective rank, subspace similarity),
-``budget`` (parameter and memory counts from model configs), ``adapters`` (PEFT's
-adapter file format). Importing ``lora_ref`` or ``lora_ref.numpy`` never imports torch.
+Other modules: ``targets`` (PEFT's target_modules rule), ``spectral`` (SVD, Eckart-Young,
+effective rank, subspace similarity), ``budget`` (parameter and memory counts from model
+configs), ``adapters`` (PEFT's adapter file format), ``quant`` (NF4, byte-exact with
+bitsandbytes), ``tiny`` (a shipped tiny Llama, its data and the one training loop),
+``figures``, ``exercises``, ``timing`` and ``source`` (what the chapters share).
+Importing ``lora_ref``, ``lora_ref.numpy``, ``lora_ref.targets`` or ``lora_ref.budget``
+never imports torch.
+
+Extras: ``lora_ref[torch]`` for the torch backend and adapter files, ``lora_ref[qlora]``
+for ``tiny`` and ``quant`` with transformers, PEFT and bitsandbytes, ``lora_ref[book]``
+for the figures.
 """
 
 __version__ = "0.1.0"

@@ -46,7 +46,7 @@ def test_mirrored_functions_have_the_same_source_so_they_cannot_drift(name):
 
 
 def test_importing_numpy_backend_does_not_import_torch():
-    code = "import sys, lora_ref, lora_ref.numpy, lora_ref.spectral, lora_ref.budget; print('torch' in sys.modules)"
+    code = "import sys, lora_ref, lora_ref.numpy, lora_ref.spectral, lora_ref.budget, lora_ref.targets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
