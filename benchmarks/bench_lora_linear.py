@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_ref import oracles
 from lora_ref.timing import time_interleaved
 from lora_ref.torch import LoRALinear, init_lora
 
@@ -164,16 +165,10 @@ def make_setup(d, r, T, k=None, alpha=ALPHA, seed=0, dtype=torch.float32):
         ours.lora_A.copy_(A)
         ours.lora_B.copy_(B)
 
-    peft = _import_peft()
-    holder = _Holder(base)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
-    peft.get_peft_model(holder, cfg)                             # replaces holder.proj in place
-    theirs = holder.proj                                         # the peft.tuners.lora.Linear
-    if not isinstance(theirs, peft.tuners.lora.Linear) or theirs.base_layer is not base:
-        raise RuntimeError(f"expected a peft lora.Linear around the shared base layer, got {type(theirs)}")
-    with torch.no_grad():
-        theirs.lora_A["default"].weight.copy_(A)
-        theirs.lora_B["default"].weight.copy_(B)
+    _import_peft()
+    twin = oracles.peft_twin(_Holder(base), _Holder(ours))      # PEFT on a copy of W0, the same A and B
+    theirs = twin.base_model.model.proj                          # the peft.tuners.lora.Linear
+    theirs.base_layer = base                                     # all variants share one W0 in memory
 
     scaling = ours.scaling
     naive = NaiveLoRALinear(base, A, B, scaling)

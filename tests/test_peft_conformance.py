@@ -11,6 +11,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from scipy import stats
 from torch import nn
 
+from lora_ref import oracles
 from lora_ref import torch as lt
 
 
@@ -29,18 +30,14 @@ def _peft_and_ours(r=4, alpha=8, rslora=False, targets=("up", "down"), seed=0):
     """The same base model wrapped by PEFT and by lora_ref, with the same nonzero A and B."""
     torch.manual_seed(seed)
     base = MLP()
-    peft_model = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora)
-    )
     ours = lt.add_lora(copy.deepcopy(base), list(targets), r=r, alpha=alpha, rslora=rslora)
     g = torch.Generator().manual_seed(seed + 1)
-    for name, layer in lt.lora_modules(ours).items():
-        peft_layer = peft_model.base_model.model.get_submodule(name)
-        assert isinstance(peft_layer, PeftLoraLinear)
-        with torch.no_grad():
+    with torch.no_grad():
+        for layer in lt.lora_modules(ours).values():
             layer.lora_B.normal_(0, 0.5, generator=g)                 # nonzero B: the bypass matters
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    peft_model = oracles.peft_twin(base, ours)
+    for name in lt.lora_modules(ours):
+        assert isinstance(peft_model.base_model.model.get_submodule(name), PeftLoraLinear)
     return peft_model, ours, base
 
 
