@@ -520,3 +520,118 @@ def materialise_crossover_tokens(d, k):
     _checks.check_dim("d", d)
     _checks.check_dim("k", k)
     return d * k / (d + k)
+
+
+# ----------------------------------------------------------------------------- QLoRA as lora_ref.hub runs it
+
+# Components of qlora_training_memory, in bytes; lora_ref.hub.held_bytes measures the same keys.
+NF4_CODES = "NF4 codes (4 bits)"
+NF4_ABSMAX = "NF4 block constants (8 bits per 64)"
+NF4_DQ_ABSMAX = "double-quant constants (fp32 per 256 blocks)"
+NF4_PER_MATRIX = "per-matrix NF4 code, dynamic map, offset (1,092 B)"
+UPCAST_REST = "embeddings, norms, lm_head, biases (fp32)"
+LORA_FACTORS = "LoRA A, B (fp32)"
+LORA_GRADS = "LoRA gradients (fp32)"
+OPT_8BIT = "Adam m, v (8-bit codes)"
+OPT_8BIT_ABSMAX = "Adam m, v block constants (fp32 per 256)"
+OPT_QMAPS = "Adam 8-bit maps (2 x 256 fp32, shared)"
+OPT_32BIT = "Adam m, v (fp32, tensors under min_8bit_size)"
+OPT_STEP = "Adam step counters (fp32, one per tensor)"
+
+# bitsandbytes' per-matrix extras with double quantisation (tests/test_memory_oracle.py):
+# quant_state.code, the 16 NF4 levels in fp32 (64 B); quant_state.state2.code, the 256-entry
+# dynamic map in fp32 (1,024 B); quant_state.offset, the fp32 mean subtracted from the constants.
+_NF4_PER_MATRIX_BYTES = 16 * 4 + 256 * 4 + 4
+_BNB_QMAP_BYTES = 2 * 256 * 4          # Optimizer2State's "dynamic" (m) and "udynamic" (v) maps
+QLORA_OPTIMIZERS = ("PagedAdamW8bit", "AdamW")
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _nf4_matrix_bytes(n, blocksize, dq_blocksize):
+    """(codes, 8-bit constants, fp32 constants) bytes of one n-weight matrix in NF4 + double quant."""
+    blocks = _ceil_div(n, blocksize)                       # one absmax c per block of 64 weights
+    return _ceil_div(n, 2), blocks, 4 * _ceil_div(blocks, dq_blocksize)
+
+
+def _adapter_tensor_sizes(config, r, target_modules):
+    """Entries of every LoRA tensor: r k for A (r, k) and d r for B (d, r), per target per layer."""
+    n_layers = _get_dim(config, "num_hidden_layers")
+    shapes = linear_shapes(config)
+    sizes = []
+    for name in resolve_targets(target_modules):
+        d, k = shapes[name]
+        _checks.check_rank(r, d, k)
+        sizes += [r * k, d * r]                           # |A|, |B|
+    return sizes * n_layers
+
+
+def qlora_training_memory(config, r, target_modules="all-linear", optimizer="PagedAdamW8bit",
+                          blocksize=64, dq_blocksize=256, min_8bit_size=4096):
+    """Bytes of every tensor that QLoRA training holds after an optimizer step, as lora_ref.hub runs it.
+
+    The configuration: from_pretrained with BitsAndBytesConfig(load_in_4bit, nf4, double quant),
+    prepare_model_for_kbit_training, PEFT LoRA (fp32 factors) on `target_modules`, and
+    bitsandbytes' PagedAdamW8bit (or torch's AdamW, optimizer="AdamW"). Every term, exactly:
+
+    NF4, for each of the n_layers * 7 decoder matrices of n = d k weights (bitsandbytes quantises
+    every linear layer but lm_head, whatever target_modules is):
+      codes                 ceil(n / 2)                     4 bits per weight
+      block constants       ceil(n / 64)                    one uint8 c per block of 64
+      double-quant consts   4 ceil(ceil(n / 64) / 256)      one fp32 per 256 c's
+      per matrix            1,092                           NF4 code 64 + dynamic map 1,024 + offset 4
+    (when 64 * 256 divides n, the first three are n * nf4_bits_per_param() / 8: 4.127 bits)
+    the rest                4 (N - N_lin)                   embeddings, norms, lm_head, biases: fp32,
+                                                            as prepare_model_for_kbit_training upcasts them
+    LoRA, for each adapter tensor of m entries (A: r k, B: d r):
+      factors, gradients    4 m + 4 m                       fp32 (PEFT's autocast_adapter_dtype)
+    PagedAdamW8bit, per adapter tensor:
+      m >= min_8bit_size    2 m + 8 ceil(m / 256)           m, v as uint8 codes + an fp32 absmax each per 256
+      m <  min_8bit_size    8 m                             m, v in fp32: bitsandbytes keeps small tensors in 32 bits
+      once                  2,048                           its two 256-entry fp32 maps, shared by all tensors
+    (paged: on a GPU the state of tensors of 1e5 entries or more lives in CUDA unified memory;
+    the bytes are the same. bitsandbytes counts the step in a Python int, 0 bytes.)
+    AdamW instead:          8 m + 4                          fp32 m, v and a scalar step tensor per tensor
+
+    Left out: activations, which grow with batch and sequence length (and are cut by gradient
+    checkpointing), the logits (batch x length x vocabulary, in fp32 for the loss), the weight
+    each Linear4bit dequantises for its matmul (transient), the CUDA context and the allocator's
+    cache, and small buffers such as RoPE's inverse frequencies. So this is the static floor: a
+    GPU's peak (torch.cuda.max_memory_allocated) is this plus activations and transients.
+    tests/test_hub_qlora.py checks the equality on CPU, term by term, after one optimizer step.
+    """
+    if optimizer not in QLORA_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {QLORA_OPTIMIZERS}, got optimizer={optimizer!r}")
+    for name, value in (("blocksize", blocksize), ("dq_blocksize", dq_blocksize), ("min_8bit_size", min_8bit_size)):
+        _checks.check_dim(name, value)
+    n_layers = _get_dim(config, "num_hidden_layers")
+    n = base_param_count(config)
+    n_lin = decoder_linear_param_count(config)
+    b = dict.fromkeys((NF4_CODES, NF4_ABSMAX, NF4_DQ_ABSMAX, NF4_PER_MATRIX), 0)
+    for d, k in linear_shapes(config).values():
+        codes, absmax, dq = _nf4_matrix_bytes(d * k, blocksize, dq_blocksize)
+        b[NF4_CODES] += n_layers * codes
+        b[NF4_ABSMAX] += n_layers * absmax
+        b[NF4_DQ_ABSMAX] += n_layers * dq
+        b[NF4_PER_MATRIX] += n_layers * _NF4_PER_MATRIX_BYTES
+    b[UPCAST_REST] = BYTES_PER_PARAM["fp32"] * (n - n_lin)
+
+    sizes = _adapter_tensor_sizes(config, r, target_modules)
+    p = sum(sizes)
+    b[LORA_FACTORS] = BYTES_PER_PARAM["fp32"] * p
+    b[LORA_GRADS] = BYTES_PER_PARAM["fp32"] * p
+    if optimizer == "AdamW":
+        b[OPT_32BIT] = 2 * BYTES_PER_PARAM["fp32"] * p
+        b[OPT_STEP] = 4 * len(sizes)
+    else:
+        big = [m for m in sizes if m >= min_8bit_size]
+        b[OPT_8BIT] = 2 * sum(big)                                                    # m and v, 1 byte each
+        b[OPT_8BIT_ABSMAX] = 2 * 4 * sum(_ceil_div(m, _BNB_STATE_BLOCKSIZE) for m in big)
+        b[OPT_QMAPS] = _BNB_QMAP_BYTES if big else 0
+        b[OPT_32BIT] = 2 * BYTES_PER_PARAM["fp32"] * sum(m for m in sizes if m < min_8bit_size)
+    return MemoryEstimate(f"QLoRA, {optimizer}", n + p, p, b)
+
+
+__all__ += ["qlora_training_memory", "QLORA_OPTIMIZERS"]
