@@ -110,8 +110,8 @@ def ch01_lora_params(answer, model="llama-3.1-70b", r=8, target_modules="attenti
     """LoRA trainable parameters of a shipped model for r and a target set."""
     expected = budget.lora_param_count(budget.load_config(model), r, target_modules)
     return check(
-        f"LoRA parameters of {model}, r={r}, {target_modules}", answer, expected, rtol=0,
-        hint="sum r (d_in + d_out) over the targeted projections of one layer, times num_hidden_layers; "
+        f"LoRA parameters of {model}, r={r}, {target_modules} (an exact integer)", answer, expected, rtol=0,
+        hint="sum r (d + k) over the targeted projections of one layer (W0 is (d, k)), times num_hidden_layers; "
         "k_proj and v_proj map hidden -> num_key_value_heads * head_dim.",
     )
 
@@ -158,8 +158,8 @@ def ch02_forward_by_hand(answer, x=(0.0, 1.0, -1.0)):
     x = np.asarray(x, dtype=np.float64)
     expected = ln.lora_forward(x, e["W0"], e["A"], e["B"], ln.scaling(e["alpha"], e["r"]))
     return check(
-        f"y for x = {x.tolist()}", answer, expected, rtol=0, atol=1e-12,
-        hint="first h = A x (one number), then W0 x, then add (alpha/r) * B h.",
+        f"y for x = {x.tolist()} (exact)", answer, expected, rtol=0, atol=0,
+        hint="first z = A x (one number), then W0 x, then add (alpha/r) * B z; give y as a vector of two numbers.",
     )
 
 
@@ -173,12 +173,15 @@ def ch02_crossover_tokens(answer, d=4096, k=11008):
 
 
 def ch02_bf16_spacing(answer):
-    """Which spacing bounds bf16 rounding near 1.0? bf16 keeps 8 significant bits: the gap is 2^-7."""
-    expected = math.ldexp(1.0, -7)                             # spacing of bf16 numbers in [1, 2)
-    return check(
-        "the spacing of bf16 numbers in [1, 2)", answer, expected, rtol=0,
-        hint="bf16 has 7 stored mantissa bits (8 with the implicit one): numbers in [1, 2) are 2^-7 apart.",
-    )
+    """The spacing of consecutive bf16 numbers in [1, 2), exact: 8 significant bits make it 2^-7."""
+    expected = math.ldexp(1.0, -7)                             # 1 + m 2^-7 for the 2^7 values m of 7 stored bits
+    hint = "numbers in [1, 2) are 1 + m * 2^-p for the 2^p values m of the p stored mantissa bits."
+    try:
+        if float(answer) == expected / 2:                      # half the spacing: the largest rounding error
+            hint = "that is half the spacing, the largest error of one rounding in [1, 2); we ask for the spacing."
+    except (TypeError, ValueError):
+        pass
+    return check("the spacing of bf16 numbers in [1, 2) (exact)", answer, expected, rtol=0, hint=hint)
 
 
 # --------------------------------------------------------------------------- chapter 08
@@ -202,7 +205,7 @@ def ch08_nf4_code(answer, w=0.3, absmax=1.2):
     levels = quant.nf4_codebook().double().numpy()
     expected = int(np.argmin(np.abs(levels - w / absmax)))
     return check(
-        f"NF4 code of w={w} with absmax {absmax}", answer, expected, rtol=0,
+        f"NF4 code of w={w} with absmax {absmax} (an integer, 0-15)", answer, expected, rtol=0,
         hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "
         "of quant.nf4_codebook() (index 7 is the zero).",
     )

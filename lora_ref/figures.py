@@ -18,6 +18,7 @@ __all__ = [
     "COLORS", "themed", "stepped_figure", "log_axis", "show",
     "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
     "codebook_figure", "blocksize_figure", "loss_curves_figure",
+    "code_frequency_figure", "merge_regimes_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -198,8 +199,10 @@ def merge_error_figure(ratios, errors):
                                  marker_color=PALETTE[i],
                                  hovertemplate="ratio %{x:.3g}: error %{y:.3g}<extra>" + name + "</extra>"))
     nonzero = [e for errs in errors.values() for e in errs if e > 0]
+    zeros = len(nonzero) < sum(len(errs) for errs in errors.values())      # a log axis cannot draw 0
     fig.update_layout(
-        title_text="Merge then unmerge misses W0 by up to one rounding step of W (exact zeros are not drawn)",
+        title_text="Merge then unmerge misses W0 by at most one rounding step of W"
+        + (" (exact zeros are not drawn)" if zeros else ""),
         xaxis=log_axis("size of the update, max|s B A| / max|W0| (log scale)", list(ratios)),
         yaxis=dict(log_axis("max |unmerge(merge(W0)) − W0| (log scale)", nonzero), exponentformat="power"),
     )
@@ -213,13 +216,13 @@ def codebook_figure(codebooks, offset):
     """Each 4-bit grid's 16 levels over the N(0, 1) density scaled to [-1, 1]; slider over the grid.
 
     codebooks: {name: sorted levels in [-1, 1]}. NF4's levels are quantiles of N(0, 1) divided
-    by Phi^-1(offset), so the density drawn is that of z / Phi^-1(offset), z ~ N(0, 1).
+    by Phi^-1(offset), so the density drawn is that of xi / Phi^-1(offset), xi ~ N(0, 1).
     """
     from statistics import NormalDist
 
     q = NormalDist().inv_cdf(offset)
     xs = [i / 200 for i in range(-220, 221)]
-    dens = [q * NormalDist().pdf(x * q) for x in xs]                 # density of z / q at x
+    dens = [q * NormalDist().pdf(x * q) for x in xs]                 # density of xi / q at x
     top = max(dens)
     steps = []
     for name, levels in codebooks.items():
@@ -238,31 +241,32 @@ def codebook_figure(codebooks, offset):
         steps.append((name, traces, f"{name}: {len(lv)} levels, gaps from {min(gaps):.3f} to {max(gaps):.3f}"))
     return stepped_figure(
         steps, "grid", active=0,
-        xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.1, 1.1]),
-        yaxis=dict(title="probability density", rangemode="tozero"),
+        xaxis=dict(title="level value v; for the density, ξ / Φ⁻¹(offset) with ξ ~ N(0, 1) (dimensionless)",
+                   range=[-1.1, 1.1]),
+        yaxis=dict(title="probability density of ξ / Φ⁻¹(offset)", rangemode="tozero"),
     )
 
 
 def blocksize_figure(blocksizes, scaled_hists, edges, mse, levels):
-    """Histogram of w / c_b per block size (slider), with NF4's levels; and the MSE of each grid.
+    """Histogram of w / c_j per block size (slider), with NF4's levels; and the MSE of each grid.
 
-    scaled_hists: {B: counts over ``edges``}; mse: {B: {grid name: mean squared error}};
-    levels: NF4's levels, drawn as ticks. Larger blocks have larger absmax c_b, so w / c_b
+    scaled_hists: {b: counts over ``edges``}; mse: {b: {grid name: mean squared error}};
+    levels: NF4's levels, drawn as ticks. Larger blocks have larger absmax c_j, so w / c_j
     crowds near 0 and uses fewer of the 16 levels.
     """
     centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     top = max(max(h) for h in scaled_hists.values())
     steps = []
-    for B in blocksizes:
-        errs = mse[B]
+    for b in blocksizes:
+        errs = mse[b]
         traces = [
-            go.Bar(x=centres, y=scaled_hists[B], name="weights / c_b", marker_color=COLORS["sky"],
+            go.Bar(x=centres, y=scaled_hists[b], name="weights / c_j", marker_color=COLORS["sky"],
                    hovertemplate="%{x:.2f}: %{y}<extra></extra>"),
             go.Scatter(x=[float(v) for v in levels], y=[top * 1.02] * len(levels), mode="markers",
                        name="NF4 levels", marker=dict(symbol="line-ns-open", size=14, color=COLORS["red"])),
         ]
         summary = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-        steps.append((B, traces, f"Block {B}: mean squared error {summary}"))
+        steps.append((b, traces, f"Blocks of {b}: mean squared error {summary}"))
     return stepped_figure(
         steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0, bargap=0,
         xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.05, 1.05]),
@@ -279,3 +283,74 @@ def loss_curves_figure(curves, title, yaxis_title="training loss (nats per answe
                                  hovertemplate="step %{x}: %{y:.4f}<extra>" + name + "</extra>"))
     fig.update_layout(title_text=title, xaxis_title="step", yaxis_title=yaxis_title)
     return themed(fig)
+
+
+def code_frequency_figure(blocksizes, freqs, entropies, design):
+    """How often each NF4 code is used after blockwise absmax scaling; slider over the block size.
+
+    freqs: {b: 16 fractions, one per code 0..15}; entropies: {b: entropy of freqs in bits};
+    design: the 16 fractions if w / c_j were xi / Phi^-1(offset), xi ~ N(0, 1) (what the levels
+    assume). A dotted line marks 1/16, the uniform use that 4 bits of entropy would need.
+    """
+    codes = list(range(16))
+    steps, top = [], 0.0
+    for b in blocksizes:
+        f = [100 * float(x) for x in freqs[b]]
+        top = max(top, max(f))
+        traces = [
+            go.Bar(x=codes, y=f, name="measured, N(0, 1) weights", marker_color=COLORS["blue"],
+                   hovertemplate="code %{x}: %{y:.2f}% of the weights<extra></extra>"),
+            go.Scatter(x=codes, y=[100 * float(x) for x in design], mode="lines+markers",
+                       name="if w / c_j were ξ / Φ⁻¹(offset)", line=dict(color=COLORS["orange"]),
+                       hovertemplate="code %{x}: %{y:.2f}%<extra>design assumption</extra>"),
+            go.Scatter(x=[-0.5, 15.5], y=[100 / 16] * 2, mode="lines", name="uniform, 1/16: 4 bits",
+                       line=dict(color=COLORS["black"], dash="dot"), hoverinfo="skip"),
+        ]
+        lo, hi = min(f), max(f)
+        steps.append((b, traces, f"Blocks of {b}: the 16 codes are used {lo:.1f}% to {hi:.1f}% of the time, "
+                                 f"{entropies[b]:.2f} bits of entropy, not 4"))
+    fig = stepped_figure(
+        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0,
+        xaxis=dict(title="NF4 code (index into the sorted levels; 7 is the zero)", tickmode="linear", dtick=1),
+        yaxis=dict(title="share of the weights (%)", range=[0, 1.05 * top]),
+    )
+    return fig
+
+
+def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
+    """How much of an update a merge loses, against the update's size; one line per storage format.
+
+    rel_sizes: ||dW|| / ||W0||; errors: {format: [||merged - (base + dW)|| / ||dW|| per size]}
+    (lora_ref.quant.merge_error_curve). Log axes; a dashed line at 1, where the error is as large
+    as the update itself. adapter_range: (lo, hi) relative sizes of a trained adapter, shaded.
+    The title states each format's error at the size nearest to ``at``.
+    """
+    fig = go.Figure()
+    for i, (name, errs) in enumerate(errors.items()):
+        fig.add_trace(go.Scatter(x=list(rel_sizes), y=list(errs), name=name, mode="lines+markers",
+                                 marker_color=PALETTE[i],
+                                 hovertemplate="update %{x:.1e} of W0: error %{y:.3g} of the update<extra>"
+                                 + name + "</extra>"))
+    nonzero = [e for errs in errors.values() for e in errs if e > 0]
+    # on log axes, annotations take log10 coordinates (shapes take data values)
+    fig.add_hline(y=1, line=dict(color=COLORS["black"], dash="dash"))
+    fig.add_annotation(x=math.log10(min(rel_sizes)), y=0, text="error = the whole update", showarrow=False, bgcolor="rgba(255,255,255,0.8)",
+                       xanchor="left", yanchor="top")
+    if adapter_range is not None:
+        lo, hi = adapter_range
+        fig.add_vrect(x0=lo, x1=hi, fillcolor=COLORS["sky"], opacity=0.25, line_width=0)
+        fig.add_annotation(x=math.log10(lo), y=math.log10(min(nonzero)), text="this chapter's adapter",
+                           showarrow=False, xanchor="right", yanchor="bottom")
+    j = min(range(len(rel_sizes)), key=lambda i: abs(math.log10(rel_sizes[i] / at)))
+    pct = lambda e: f"{100 * e:.0f}%" if e >= 0.1 else f"{100 * e:.2g}%"      # noqa: E731
+    parts = ", ".join(f"{name} {pct(errs[j])}" for name, errs in errors.items())
+    fig.update_layout(
+        title_text=f"The smaller the update, the more of it a merge loses.<br>At ‖ΔW‖ / ‖W0‖ = {rel_sizes[j]:.0e}, "
+                   f"the error is, as a share of the update: {parts}",
+        xaxis=dict(log_axis("size of the update, ‖ΔW‖ / ‖W0‖ (Frobenius, log scale)", list(rel_sizes)),
+                   exponentformat="power"),
+        yaxis=dict(log_axis("merge error / ‖ΔW‖ (log scale)", nonzero + [1.0]), exponentformat="power"),
+    )
+    themed(fig, height=480)
+    fig.update_layout(margin=dict(t=90), legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
+    return fig

@@ -2,12 +2,12 @@
 
 QLoRA (Dettmers et al. 2023, arXiv:2305.14314, Sec. 3) keeps the frozen base weights in 4 bits:
 
-    W0: (d, k)  ->  flatten to w: (n,), n = d k  ->  blocks of B = 64 weights (the last may be partial)
-    c_b  = max_i |w_bi|                           absmax of block b: the fp32 quantisation constant
-    q_bi = nearest j to w_bi / c_b among v_0..v_15  v = the 16 NF4 levels in [-1, 1]
-    w_bi ~ v[q_bi] * c_b                          dequantisation
+    W0: (d, k)  ->  flatten to w: (n,), n = d k  ->  blocks of b = 64 weights (the last may be partial)
+    c_j  = max_i |w_ji|                           absmax of block j: the fp32 quantisation constant
+    q_ji = nearest q to w_ji / c_j among v_0..v_15  v = the 16 NF4 levels in [-1, 1]
+    w_ji ~ v[q_ji] * c_j                          dequantisation
 
-Storage per weight: 4 bits of code + 32/B bits of constant = 4.5 bits at B = 64.
+Storage per weight: 4 bits of code + 32/b bits of constant = 4.5 bits at b = 64.
 Double quantisation stores the constants c in 8 bits (blocks of 256, after subtracting
 their mean), so the overhead falls to 8/64 + 32/(64*256) and the total to ~4.127 bits.
 
@@ -17,7 +17,7 @@ Byte layout, as bitsandbytes 0.50 (``bitsandbytes.functional.quantize_4bit``) wr
     byte = (q[2i] << 4) | q[2i + 1];
   - an odd number of elements pads the last LOW nibble with code 7 (bitsandbytes pads the
     scaled values with a 0.0 before bucketing, and 0 falls in the bucket of the zero level);
-  - packed holds ceil(n/2) bytes and absmax ceil(n/B) fp32 values (bitsandbytes' packed
+  - packed holds ceil(n/2) bytes and absmax ceil(n/b) fp32 values (bitsandbytes' packed
     tensor has shape (ceil(n/2), 1); here it is flat).
 
 The layer ``NF4LoRALinear`` is ``lora_ref.torch.LoRALinear`` with its ``nn.Linear`` base
@@ -41,15 +41,20 @@ from . import torch as _lt
 
 __all__ = [
     "NF4_OFFSET",
-    "QLORA_OFFSET",
+    "HALF_BIN_OFFSET",
     "nf4_codebook",
     "dynamic_map",
     "fp4_codebook",
     "int4_codebook",
     "fake_quantize",
+    "fake_quantize_mse",
     "block_scaled",
     "quantize_nf4",
     "dequantize_nf4",
+    "nf4_codes",
+    "code_frequencies",
+    "nf4_design_frequencies",
+    "entropy_bits",
     "DoubleQuant",
     "double_quantize_absmax",
     "dequantize_absmax",
@@ -59,16 +64,26 @@ __all__ = [
     "quantize_model_nf4",
     "bnb_linear4bit",
     "nf4_merge",
+    "merged_weight",
+    "merge_error",
+    "merge_error_curve",
+    "merged_copy",
+    "rounds_robustly",
 ]
 
-# The outermost quantile of NF4. The paper's value is the mean of 1 - 1/(2*15) and
-# 1 - 1/(2*16) (half a bin in from 1 for 15 and for 16 bins):
-QLORA_OFFSET = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))       # 0.96770833...
-# bitsandbytes writes it as the literal 0.9677083 (create_normal_map's default). In float32
-# the two are neighbouring numbers (0.96770835 vs 0.96770829), and the codebooks they give
-# differ by up to 3e-7. We use bitsandbytes' literal so that our levels, midpoints and
-# therefore bytes are exactly theirs.
+# The outermost quantile of NF4 is bitsandbytes' literal 0.9677083, the default offset of
+# create_normal_map(offset=0.9677083, use_extra_value=True). Neither source derives it: the
+# QLoRA paper (Sec. 3, eq. 4 and Appendix E) builds quantile quantization from averages of
+# neighbouring quantiles, q_i = (Q(i/(2^k+1)) + Q((i+1)/(2^k+1))) / 2, lists NF4's 16 values and
+# never states an offset; bitsandbytes' code had no comment on it, and its 0.50 docstring calls
+# the default "empirically optimized". We use the literal, so our levels, midpoints and bytes
+# are exactly theirs.
 NF4_OFFSET = 0.9677083
+# A reading of the literal that circulates in write-ups on NF4 (we found it in no primary
+# source): the mean of 1 - 1/(2*15) and 1 - 1/(2*16), half a bin in from 1 for 15 and for 16
+# bins. It reproduces the literal's 7 digits; in float32 the two are neighbouring numbers
+# (0.96770835 vs 0.96770829), and the codebooks they give differ by up to 3e-7.
+HALF_BIN_OFFSET = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))    # 0.96770833...
 
 _NF4_ZERO_CODE = 7            # index of the exact 0 in the sorted codebook: 7 negative levels before it
 _ABSMAX_FLOOR = 1e-38         # bitsandbytes divides by max(c, 1e-38): a zero block gives 0 * 1e38 = 0, not nan
@@ -81,9 +96,10 @@ def nf4_codebook(offset=NF4_OFFSET):
     """The 16 NF4 levels, float32 (16,), sorted, in [-1, 1], with an exact 0 (QLoRA, Sec. 3).
 
     NF4 is a lookup table of normal quantiles, not a float format. With 4 bits there are
-    16 codes; a symmetric grid (v, -v) has an even number of levels and so no exact zero,
-    but zero must be exact (zero-padded inputs, pruned or tiny weights). QLoRA's answer is
-    an asymmetric grid:
+    16 codes. Zero must be exact (zero-padded inputs, pruned or tiny weights), and a grid that
+    is symmetric AND has an exact zero has an odd number of levels (0 and pairs +-v), so it
+    leaves one of the 16 codes unused (int4's j/7 uses 15). QLoRA's answer is an asymmetric
+    grid that uses all 16:
         8 positive levels  Phi^-1(p), p = linspace(offset, 1/2, 9)[:-1]   (9 points, drop 1/2)
         7 negative levels -Phi^-1(p), p = linspace(offset, 1/2, 8)[:-1]   (8 points, drop 1/2)
         1 exact zero                                                      8 + 7 + 1 = 16
@@ -94,6 +110,8 @@ def nf4_codebook(offset=NF4_OFFSET):
     The steps follow bitsandbytes' ``create_normal_map(offset=0.9677083, use_extra_value=True)``
     exactly (float32 linspace, float64 quantiles, float32 normalisation), so the result
     equals ``bitsandbytes.functional.get_4bit_type("nf4")`` bit for bit.
+
+    Book: eq-ch08-nf4 (notebooks/08_qlora).
     """
     _checks.check_finite_scalar("offset", offset)
     if not 0.5 < offset < 1.0:
@@ -166,8 +184,8 @@ def int4_codebook():
 def fake_quantize(w, codebook, blocksize=64):
     """Quantise and dequantise w blockwise with any sorted codebook in [-1, 1]: the round trip.
 
-    Per block b of ``blocksize`` elements: c_b = max |w_b|, each w_bi goes to the nearest level
-    v_j of w_bi / c_b, and comes back as v_j c_b. With ``nf4_codebook()`` this equals
+    Per block j of ``blocksize`` elements: c_j = max |w| over the block, each weight w goes to the
+    nearest level v_q of w / c_j, and comes back as v_q c_j. With ``nf4_codebook()`` this equals
     dequantize_nf4(*quantize_nf4(w)) (up to bitsandbytes' partial-block rounding quirk).
     Returns a float32 tensor of w's shape.
     """
@@ -177,16 +195,16 @@ def fake_quantize(w, codebook, blocksize=64):
     code = codebook.float().reshape(-1)
     if code.numel() < 2 or not bool((code[1:] > code[:-1]).all()):
         raise ValueError(f"codebook must be strictly increasing with >= 2 levels, got {code.tolist()}")
-    scaled, c = block_scaled(w, blocksize)                          # (n_blocks, B) w / c_b, (n_blocks, 1) c_b
+    scaled, c = block_scaled(w, blocksize)                          # (n_blocks, b) w / c_j, (n_blocks, 1) c_j
     j = torch.bucketize(scaled, _midpoints(code))                   # nearest level of w / c
-    return (code[j] * c).reshape(-1)[: w.numel()].view(w.shape)     # v_j c_b
+    return (code[j] * c).reshape(-1)[: w.numel()].view(w.shape)     # v_q c_j
 
 
 def block_scaled(w, blocksize=64):
-    """Blockwise absmax scaling: (w_b / c_b, c_b), the values that get quantised, and the constants.
+    """Blockwise absmax scaling: (w / c_j, c_j), the values that get quantised, and the constants.
 
     w is flattened and cut into blocks of ``blocksize`` (the last zero-padded): returns
-    scaled (n_blocks, blocksize) in [-1, 1] and c (n_blocks, 1), c_b = max |w_b|.
+    scaled (n_blocks, blocksize) in [-1, 1] and c (n_blocks, 1), c_j = max |w| over block j.
     """
     _check_float_tensor("w", w)
     _check_blocksize(blocksize)
@@ -194,8 +212,21 @@ def block_scaled(w, blocksize=64):
     n = x.numel()
     n_blocks = _n_blocks(n, blocksize)
     blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
-    c = blocks.abs().amax(dim=1, keepdim=True).clamp_min(_ABSMAX_FLOOR)          # (n_blocks, 1)  c_b
+    c = blocks.abs().amax(dim=1, keepdim=True).clamp_min(_ABSMAX_FLOOR)          # (n_blocks, 1)  c_j
     return blocks * (1.0 / c), c
+
+
+def fake_quantize_mse(w, codebook, blocksize=64):
+    """Mean squared error of the blockwise round trip, mean((fake_quantize(w) - w)^2), as a float.
+
+    The errors are float32 differences, computed elementwise (the same bits on every CPU); their
+    squares are exact in float64 and summed in float64, so the result's relative error is below
+    n * 2^-53 (6e-11 for n = 2^19) whatever order the summation takes: to 5 decimals it does not
+    depend on the SIMD path or the thread count, unless it lies within that much of a rounding
+    boundary (the chapter checks that it does not).
+    """
+    err = (fake_quantize(w, codebook, blocksize) - w.detach().float()).double()
+    return float(err.pow(2).mean())
 
 
 _CACHE = {}
@@ -277,9 +308,9 @@ def quantize_nf4(w, blocksize=64):
     w: any shape, n elements, float16/bfloat16/float32 (float64 is rounded to float32 first).
     packed: uint8 (ceil(n/2),)  two 4-bit codes per byte, the first in the high nibble;
             an odd n pads the last low nibble with code 7 (the zero level), as bitsandbytes.
-    absmax: float32 (ceil(n/blocksize),)  c_b = max |w| over block b; 0 for an all-zero block.
+    absmax: float32 (ceil(n/blocksize),)  c_j = max |w| over block j; 0 for an all-zero block.
 
-    Per block: x = w_b * (1 / c_b), then the code is the bucket of x among the float32
+    Per block: x = w * (1 / c_j), then the code is the bucket of x among the float32
     midpoints of the codebook (nearest level). This reproduces bitsandbytes 0.50's bytes
     exactly, including its one quirk: the last, partial block is divided, x = w / c, not
     multiplied by 1 / c (the two can differ by one rounding and so, rarely, by one code).
@@ -295,7 +326,7 @@ def quantize_nf4(w, blocksize=64):
     n_blocks = _n_blocks(n, blocksize)
     rem = n % blocksize                                             # elements in a partial last block
     blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)                               # (n_blocks,)  c_b
+    absmax = blocks.abs().amax(dim=1)                               # (n_blocks,)  c_j
     safe = absmax.clamp_min(_ABSMAX_FLOOR)
     scaled = blocks * (1.0 / safe).unsqueeze(1)                     # (n_blocks, blocksize)  w / c in [-1, 1]
     if rem:
@@ -325,7 +356,7 @@ def _check_packed(packed, absmax, n, blocksize, shape):
 
 
 def dequantize_nf4(packed, absmax, shape, blocksize=64):
-    """(packed, absmax) -> float32 tensor of ``shape``: w_bi = v[q_bi] * c_b.
+    """(packed, absmax) -> float32 tensor of ``shape``: w_ji = v[q_ji] * c_j.
 
     packed: uint8 with ceil(n/2) elements (any shape, e.g. bitsandbytes' (ceil(n/2), 1));
     absmax: ceil(n/blocksize) constants. One float32 product per element, as bitsandbytes'
@@ -335,7 +366,7 @@ def dequantize_nf4(packed, absmax, shape, blocksize=64):
     bitsandbytes' own reference path there.)
 
     Decoding gathers one table entry (v[b >> 4], v[b & 15]) per packed byte b, then scales
-    each block by its c_b in place.
+    each block by its c_j in place.
     """
     _check_blocksize(blocksize)
     shape, n = _check_shape(shape)
@@ -346,10 +377,62 @@ def dequantize_nf4(packed, absmax, shape, blocksize=64):
     out = pairs.view(torch.float32)[:n]                             # (n,)  v[q]: both nibbles of each byte
     c = absmax.reshape(-1).float()                                  # (n_blocks,)
     full = n - n % blocksize
-    out[:full].view(-1, blocksize).mul_(c[: full // blocksize].unsqueeze(1))   # (n_full, blocksize) * c_b
+    out[:full].view(-1, blocksize).mul_(c[: full // blocksize].unsqueeze(1))   # (n_full, blocksize) * c_j
     if full < n:
         out[full:].mul_(c[-1])                                      # the partial last block
     return out.view(shape)
+
+
+def nf4_codes(w, blocksize=64):
+    """The NF4 code (0..15) of every element of w, uint8 (n,) in w's flattened order.
+
+    The codes that ``quantize_nf4`` packs, unpacked: the high nibble of each byte first.
+    """
+    packed, _ = quantize_nf4(w, blocksize)
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[: w.numel()]
+
+
+def code_frequencies(codes, n_codes=16):
+    """Fraction of the codes equal to each of 0..n_codes-1: float64 (n_codes,), summing to 1."""
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
+        raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    _checks.check_dim("n_codes", n_codes)
+    c = codes.reshape(-1).long()
+    if c.numel() == 0:
+        raise ValueError("codes has no elements: there is nothing to count")
+    if int(c.min()) < 0 or int(c.max()) >= n_codes:
+        raise ValueError(f"codes must lie in 0..{n_codes - 1}, got values in {int(c.min())}..{int(c.max())}")
+    return torch.bincount(c, minlength=n_codes).double() / c.numel()
+
+
+def nf4_design_frequencies(offset=NF4_OFFSET):
+    """How often each NF4 code would be used if the scaled weights w / c_j were xi / Phi^-1(offset),
+    xi ~ N(0, 1) (the distribution the levels are quantiles of), float64 (16,).
+
+    Code j takes the values nearest to level v_j: the interval between the midpoints around v_j
+    (the ends open to +-infinity, where values beyond +-1 would be clipped). Even under this
+    assumption the codes are not used equally often (about 5.6% to 7.1%): the levels are
+    quantiles, but the rounding edges are midpoints in value, not in probability. And blockwise
+    absmax scaling does not produce this distribution: c_j is the largest of b samples, so one
+    weight per block sits on +-1 and the rest crowd towards 0 (``nf4_codes`` measures it).
+    """
+    v = nf4_codebook(offset).double()
+    edges = (v[:-1] + v[1:]) / 2 * torch.special.ndtri(torch.tensor(offset, dtype=torch.float64))
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr(edges),
+                     torch.ones(1, dtype=torch.float64)])
+    return cdf[1:] - cdf[:-1]
+
+
+def entropy_bits(freqs):
+    """Shannon entropy -sum p log2 p of a frequency vector, in bits (0 log 0 = 0).
+
+    log2(16) = 4 bits when all 16 codes are used equally often: the most a 4-bit code can carry.
+    """
+    p = torch.as_tensor(freqs, dtype=torch.float64).reshape(-1)
+    if p.numel() == 0 or bool((p < 0).any()) or abs(float(p.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"freqs must be non-negative and sum to 1, got {p.tolist()}")
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
 
 
 # ----------------------------------------------------------------------------- double quantisation
@@ -358,9 +441,9 @@ def dequantize_nf4(packed, absmax, shape, blocksize=64):
 class DoubleQuant(NamedTuple):
     """The absmax constants in 8 bits (QLoRA's double quantisation).
 
-    codes:  uint8 (n_blocks,)              index into ``dynamic_map()`` of (c_b - offset) / s_g
-    scales: float32 (ceil(n_blocks/256),)  s_g = max |c_b - offset| over group g of 256 constants
-    offset: float32 scalar                 the mean of the c_b (they are all > 0, so centring them
+    codes:  uint8 (n_blocks,)              index into ``dynamic_map()`` of (c_j - offset) / s_g
+    scales: float32 (ceil(n_blocks/256),)  s_g = max |c_j - offset| over group g of 256 constants
+    offset: float32 scalar                 the mean of the c_j (they are all > 0, so centring them
                                            uses the signed map's both halves)
     """
 
@@ -401,7 +484,7 @@ def double_quantize_absmax(absmax, blocksize=256):
 
 
 def dequantize_absmax(codes, scales, offset, blocksize=256):
-    """DoubleQuant -> float32 absmax (n_blocks,):  c_b ~ map[code_b] * s_g + offset."""
+    """DoubleQuant -> float32 absmax (n_blocks,):  c_j ~ map[code_j] * s_g + offset."""
     _check_blocksize(blocksize)
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
@@ -420,10 +503,12 @@ def dequantize_absmax(codes, scales, offset, blocksize=256):
 
 
 def bits_per_param(blocksize=64, double_quant=False, dq_blocksize=256):
-    """Bits per weight of NF4 storage: 4 + 32/B, or 4 + 8/B + 32/(256 B) with double quantisation.
+    """Bits per weight of NF4 storage: 4 + 32/b, or 4 + 8/b + 32/(256 b) with double quantisation.
 
     The count is ``lora_ref.budget.nf4_bits_per_param``'s (one place for the formula); the
     tests check it against the byte sizes of bitsandbytes' packed tensor and QuantState.
+
+    Book: eq-ch08-bits (notebooks/08_qlora).
     """
     return _budget.nf4_bits_per_param(blocksize, double_quant=double_quant, dq_blocksize=dq_blocksize)
 
@@ -434,7 +519,7 @@ def bits_per_param(blocksize=64, double_quant=False, dq_blocksize=256):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight W0: (d, k) is stored as NF4.
 
-    Buffers: ``packed`` uint8 (ceil(dk/2),) and ``absmax`` float32 (ceil(dk/B),), which stays
+    Buffers: ``packed`` uint8 (ceil(dk/2),) and ``absmax`` float32 (ceil(dk/b),), which stays
     float32 under ``.to(dtype)``; ``bias`` (d,) is kept as a frozen parameter. The forward pass dequantises W0 to the
     compute dtype (``compute_dtype``, or the input's dtype when None) and calls F.linear:
     y = x W0q^T + b, with W0q = dequantize_nf4(...). Nothing here is trained.
@@ -540,7 +625,7 @@ def nf4_merge(layer, sign=1.0):
 
     W0q is the dequantised base (fp32); the sum is re-quantised blockwise with the layer's
     blocksize. The result is NOT W0q + s B A: each weight moves to its nearest NF4 level,
-    an error of up to half a level gap times c_b, comparable to the size of s B A itself for a
+    an error of up to half a level gap times c_j, comparable to the size of s B A itself for a
     small adapter. The layer is not changed (``layer.merge()`` stores the result).
     """
     if not isinstance(layer, NF4LoRALinear):
@@ -550,6 +635,116 @@ def nf4_merge(layer, sign=1.0):
     A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
     W = W + sign * _lt.delta_w(A, B, layer.scaling)                 # (d, k)  W0q +- s B A
     return quantize_nf4(W, base.blocksize)
+
+
+_MERGE_FORMATS = ("nf4", "float32", "bfloat16", "float16")
+
+
+def _stored(W, into, blocksize):
+    """W (any float dtype) as a weight stored in format ``into`` holds it, back in float32."""
+    if into == "nf4":
+        return dequantize_nf4(*quantize_nf4(W.float(), blocksize), W.shape, blocksize)
+    return W.to(getattr(torch, into)).float()
+
+
+def merged_weight(W0, dW, into, blocksize=64):
+    """(base, merged): the base W0 as stored in format ``into``, and base + dW merged and stored again.
+
+    into: "nf4" (blockwise NF4, re-quantised: what ``NF4LoRALinear.merge`` stores), or a float
+    dtype name, "float32", "bfloat16", "float16". The sum base + dW is formed in float64 and
+    rounded once to ``into``: the best a merge into that format can do (a merge that rounds dW
+    to 16 bits first and adds in 16 bits rounds twice). Both are returned as float32 (d, k).
+    For NF4, pass the dequantised base W0q: quantising it again changes nothing.
+    """
+    if into not in _MERGE_FORMATS:
+        raise ValueError(f"into must be one of {_MERGE_FORMATS}, got into={into!r}")
+    _check_float_tensor("W0", W0)
+    _check_float_tensor("dW", dW)
+    if W0.shape != dW.shape:
+        raise ValueError(f"W0 and dW must have the same shape, got {tuple(W0.shape)} and {tuple(dW.shape)}")
+    base = _stored(W0.detach().float(), into, blocksize)
+    return base, _stored(base.double() + dW.detach().double(), into, blocksize)
+
+
+def merge_error(W0, dW, into, blocksize=64):
+    """How much of the update a merge into format ``into`` loses: ||merged - (base + dW)|| / ||dW||.
+
+    base and merged as in ``merged_weight``; base + dW is the exact sum (float64); Frobenius
+    norms. 0 means the update survives whole; 1 means an error as large as the update itself
+    (e.g. every weight rounded back to the base: the update is gone); above 1, the merge moves
+    the weight by more than the update did. Into float32 the error is one float32 rounding of
+    the sum, about 2^-24 ||W0|| / ||dW||.
+    """
+    base, merged = merged_weight(W0, dW, into, blocksize)
+    dW = dW.detach().double()
+    size = dW.norm()
+    if size == 0:
+        raise ValueError("dW is zero: there is no update whose loss could be measured")
+    return float((merged.double() - (base.double() + dW)).norm() / size)
+
+
+def merge_error_curve(W0, dW, rel_sizes, into, blocksize=64):
+    """``merge_error`` for the update dW rescaled to each relative size ||dW|| / ||W0|| in rel_sizes.
+
+    Keeps dW's direction (its pattern over the weights) and varies only its size: a large update
+    and a small one of the same shape. Returns a list of floats, one per size.
+    """
+    dW = dW.detach().float()
+    ratio = float(dW.norm() / W0.detach().float().norm())
+    if ratio == 0:
+        raise ValueError("dW is zero: it has no direction to rescale")
+    return [merge_error(W0, dW * (float(s) / ratio), into, blocksize) for s in rel_sizes]
+
+
+@torch.no_grad()
+def merged_copy(model, into):
+    """A copy of a QLoRA model with every NF4LoRALinear's update merged into its base, stored as ``into``.
+
+    into="nf4": each layer's ``merge()``, NF4(W0q + s B A) re-quantised. A float dtype name
+    ("float32", "bfloat16", "float16"): the base becomes an ``nn.Linear`` whose weight is
+    ``merged_weight(W0q, s B A, into)`` -- rounded to that format once, then held in float32, so
+    that the forward pass stays in float32 and the comparison isolates what storing the merged
+    weight loses (a model that also computes in 16 bits rounds its activations too). The bypass
+    is switched off (``merged = True``); the model passed in is not changed.
+    """
+    import copy
+
+    if into not in _MERGE_FORMATS:
+        raise ValueError(f"into must be one of {_MERGE_FORMATS}, got into={into!r}")
+    out = copy.deepcopy(model)
+    layers = [m for m in out.modules() if isinstance(m, NF4LoRALinear)]
+    if not layers:
+        raise ValueError("model has no NF4LoRALinear layer: there is nothing to merge")
+    for layer in layers:
+        if layer.merged:
+            raise ValueError("a layer is already merged: merge a model whose adapters are separate")
+        if into == "nf4":
+            layer.merge()
+            continue
+        base = layer.base_layer
+        dW = _lt.delta_w(layer.lora_A.detach().float(), layer.lora_B.detach().float(), layer.scaling)
+        _, W = merged_weight(base.dequantize(torch.float32), dW, into, base.blocksize)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None)
+        linear.weight.copy_(W)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias.float())
+        linear.requires_grad_(False)
+        layer.base_layer = linear
+        layer.merged = True
+    return out
+
+
+def rounds_robustly(x, decimals, rel_tol=1e-6):
+    """True when every number within rel_tol * |x| of x prints the same at ``decimals`` decimals.
+
+    For outputs that nbval compares across CPUs: a value computed with a summation order that
+    depends on the SIMD path or the thread count moves in its last bits; printed rounded, it
+    stays the same unless it sits within that much of a rounding boundary (a ...5 in the next
+    decimal). rel_tol bounds how far the value may move.
+    """
+    scaled = abs(float(x)) * 10**decimals
+    margin = abs(scaled - math.floor(scaled) - 0.5)                 # distance to the boundary, in units
+    return margin > rel_tol * scaled
 
 
 def bnb_linear4bit(linear, blocksize=64):

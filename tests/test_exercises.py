@@ -1,51 +1,116 @@
-"""The exercise checkers: the right answer passes, a wrong one fails with a hint, no answer says so."""
+"""The exercise checkers: an answer at the precision the question states passes, one unit off in
+its last stated figure fails with a hint, and no answer says so.
+
+The expected values are written here as closed forms from the models' shapes and the papers, not
+computed with the checkers' own expressions.
+"""
+
+import re
 
 import pytest
-import torch
 
 from lora_ref import budget
 from lora_ref import exercises as ex
 
+# Mistral-7B (config.json): vocab 32000, hidden 4096, 32 layers, MLP 14336, 8 KV heads of 128, untied lm_head.
+MISTRAL_7B_PARAMS = (2 * 32000 * 4096                                   # embed_tokens + lm_head
+                     + 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024          # q, o; k, v
+                             + 3 * 4096 * 14336 + 2 * 4096)             # gate, up, down; two RMSNorms
+                     + 4096)                                            # final norm
+# Llama-3.1-8B: r (d_in + d_out) per projection, 32 layers; k, v map 4096 -> 1024, the MLP 4096 <-> 14336.
+LLAMA_8B_QV_PER_RANK = 32 * ((4096 + 4096) + (4096 + 1024))
+LLAMA_8B_ALL_LINEAR_PER_RANK = 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+# Llama-3.1-70B: hidden 8192, 80 layers, 8 KV heads of 128, so k, v map 8192 -> 1024.
+LLAMA_70B_ATTENTION_PER_RANK = 80 * (2 * (8192 + 8192) + 2 * (8192 + 1024))
+# bitsandbytes' NF4 levels (QLoRA, appendix E), sorted: index 7 is the zero.
+NF4_LEVELS = [-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+              0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
 
+
+def _nearest_nf4_index(v):
+    return min(range(16), key=lambda i: abs(NF4_LEVELS[i] - v))
+
+
+# (id, checker, the exact answer, right answers at the stated precision, near misses one unit off)
 CASES = [
-    (lambda a: ex.ch01_lora_params(a, model="llama-3.1-70b", r=8, target_modules="attention"), 32_768_000),
-    (lambda a: ex.ch01_full_finetune_gb(a, model="mistral-7b"), 16 * 7_241_732_096 / 1e9),
-    (lambda a: ex.ch01_rank_for_equal_size(a), 64 * 6_815_744 / 41_943_040),
-    (lambda a: ex.ch02_forward_by_hand(a, x=(0.0, 1.0, -1.0)), [2.0, 0.0]),
-    (lambda a: ex.ch02_crossover_tokens(a, d=4096, k=11008), 4096 * 11008 / (4096 + 11008)),
-    (lambda a: ex.ch02_bf16_spacing(a), torch.finfo(torch.bfloat16).eps),
-    (lambda a: ex.ch08_bits_per_weight(a, blocksize=32), 4 + 8 / 32 + 32 / (32 * 256)),
-    (lambda a: ex.ch08_nf4_code(a, w=0.3, absmax=1.2), 10),
+    ("ch01_lora_params", lambda a: ex.ch01_lora_params(a, model="llama-3.1-70b", r=8, target_modules="attention"),
+     8 * LLAMA_70B_ATTENTION_PER_RANK, [32_768_000], [32_767_999, 32_768_001]),
+    ("ch01_full_finetune_gb", lambda a: ex.ch01_full_finetune_gb(a, model="mistral-7b"),
+     16 * MISTRAL_7B_PARAMS / 1e9, [115.9, 115.87], [116.0, 115.8]),
+    ("ch01_rank_for_equal_size", lambda a: ex.ch01_rank_for_equal_size(a, model="llama-3.1-8b", r_small=64),
+     64 * LLAMA_8B_QV_PER_RANK / LLAMA_8B_ALL_LINEAR_PER_RANK, [10.40, 10.4], [10.41, 10.39]),
+    ("ch02_forward_by_hand", lambda a: ex.ch02_forward_by_hand(a, x=(0.0, 1.0, -1.0)),
+     [2.0, 0.0], [[2, 0], [[2], [0]], [[2, 0]]], [[3, 0], [1, 0], [2, 1], [2, -1]]),
+    ("ch02_crossover_tokens", lambda a: ex.ch02_crossover_tokens(a, d=4096, k=11008),
+     4096 * 11008 / (4096 + 11008), [2985.2, 2985.22], [2985.3, 2985.1]),
+    ("ch02_bf16_spacing", ex.ch02_bf16_spacing,
+     2.0**-7, [0.0078125], [2.0**-8, 2.0**-6]),
+    ("ch08_bits_per_weight", lambda a: ex.ch08_bits_per_weight(a, blocksize=32),
+     4 + 8 / 32 + 32 / (32 * 256), [4.2539, 4.25391], [4.2540, 4.2538]),
+    ("ch08_nf4_code", lambda a: ex.ch08_nf4_code(a, w=0.3, absmax=1.2),
+     _nearest_nf4_index(0.3 / 1.2), [10], [9, 11]),
 ]
+IDS = [c[0] for c in CASES]
+CHECKERS = {c[0]: c[1] for c in CASES}
 
 
-@pytest.mark.parametrize("checker, right", CASES)
-def test_checker_accepts_the_right_answer(checker, right):
-    v = checker(right)
+def test_the_closed_forms_match_the_stated_values():
+    assert MISTRAL_7B_PARAMS == 7_241_732_096
+    assert 64 * LLAMA_8B_QV_PER_RANK / LLAMA_8B_ALL_LINEAR_PER_RANK == 10.4
+    assert _nearest_nf4_index(0.25) == 10
+    assert 8 * LLAMA_70B_ATTENTION_PER_RANK == budget.lora_param_count(budget.load_config("llama-3.1-70b"), 8,
+                                                                       "attention")
+
+
+def test_every_checker_in_the_module_is_tested():
+    assert sorted(IDS) == sorted(n for n in ex.__all__ if re.fullmatch(r"ch\d\d_\w+", n))
+
+
+@pytest.mark.parametrize("name, checker, exact, right, wrong", CASES, ids=IDS)
+def test_checker_accepts_the_exact_answer(name, checker, exact, right, wrong):
+    v = checker(exact)
     assert v and repr(v).startswith("✓")
 
 
-@pytest.mark.parametrize("checker, right", CASES)
-def test_checker_rejects_a_wrong_answer_with_a_hint(checker, right):
-    wrong = [x * 1.1 + 1 for x in right] if isinstance(right, list) else right * 1.1 + 1
-    v = checker(wrong)
-    assert not v and repr(v).startswith("✗") and "Hint:" in repr(v)
+@pytest.mark.parametrize("name, checker, exact, right, wrong", CASES, ids=IDS)
+def test_checker_accepts_an_answer_rounded_to_the_stated_precision(name, checker, exact, right, wrong):
+    for answer in right:
+        v = checker(answer)
+        assert v and repr(v).startswith("✓"), (answer, repr(v))
 
 
-@pytest.mark.parametrize("checker, right", CASES)
-def test_checker_says_when_there_is_no_answer(checker, right):
+@pytest.mark.parametrize("name, checker, exact, right, wrong", CASES, ids=IDS)
+def test_checker_rejects_an_answer_one_unit_off_in_the_last_stated_figure(name, checker, exact, right, wrong):
+    for answer in wrong:
+        v = checker(answer)
+        assert not v and repr(v).startswith("✗") and "Hint:" in repr(v), (answer, repr(v))
+
+
+@pytest.mark.parametrize("name, checker, exact, right, wrong", CASES, ids=IDS)
+def test_checker_says_when_there_is_no_answer(name, checker, exact, right, wrong):
     v = checker(None)
     assert not v and "no answer yet" in repr(v)
 
 
-def test_checker_rejects_answers_of_the_wrong_shape_or_type():
+@pytest.mark.parametrize("name", ["ch01_full_finetune_gb", "ch01_rank_for_equal_size",
+                                  "ch02_crossover_tokens", "ch08_bits_per_weight"])
+def test_checkers_with_significant_figures_say_how_many(name):
+    assert "significant figures" in repr(CHECKERS[name](None))
+
+
+def test_forward_by_hand_wants_two_numbers_and_says_exact():
     assert not ex.ch02_forward_by_hand([2.0, 0.0, 0.0])
+    assert not ex.ch02_forward_by_hand([[2.0, 0.0], [0.0, 0.0]])
     assert not ex.ch02_forward_by_hand("two")
+    assert not ex.ch02_forward_by_hand([2.0 + 1e-9, 0.0])
+    assert "(exact)" in repr(ex.ch02_forward_by_hand([2.0, 0.0]))
 
 
-def test_chapter_01_checker_expectations_come_from_the_budget_module():
-    assert 80 * 8 * (2 * 16384 + 2 * 9216) == budget.lora_param_count(budget.load_config("llama-3.1-70b"), 8, "attention")
-
+def test_bf16_spacing_explains_the_half_spacing_answer():
+    v = ex.ch02_bf16_spacing(2.0**-8)
+    assert not v and "half the spacing" in repr(v)
+    assert "half the spacing" not in repr(ex.ch02_bf16_spacing(2.0**-6))
+    assert "(exact)" in repr(ex.ch02_bf16_spacing(2.0**-7))
 
 
 def test_check_uses_its_tolerance():
