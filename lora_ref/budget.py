@@ -358,8 +358,12 @@ def nf4_bits_per_param(blocksize=64, double_quant=True, dq_blocksize=256):
       with double quantisation, c is 8-bit, and one fp32 constant is kept per
       dq_blocksize (256) blocks of c:              4 + 8 / 64 + 32 / (64 * 256)  = 4.126953125
 
-    (bitsandbytes also keeps the mean subtracted from the c's and two small codebooks per
-    tensor; a few hundred bytes per matrix, left out here.)
+    (bitsandbytes also keeps, per matrix, the mean subtracted from the c's and its own copies
+    of the 16-entry NF4 code and the 256-entry 8-bit map: 4 + 64 + 1,024 = 1,092 bytes, left
+    out here; ``qlora_training_memory`` counts them.) The one formula for NF4's storage: the
+    chapters, ``quant`` and the exercises all call this function.
+
+    Book: eq-ch08-bits (notebooks/08_qlora).
     """
     for name, value in (("blocksize", blocksize), ("dq_blocksize", dq_blocksize)):
         _checks.check_dim(name, value)

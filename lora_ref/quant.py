@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from . import budget as _budget
 from . import torch as _lt
 
 __all__ = [
@@ -58,11 +57,9 @@ __all__ = [
     "DoubleQuant",
     "double_quantize_absmax",
     "dequantize_absmax",
-    "bits_per_param",
     "NF4Linear",
     "NF4LoRALinear",
     "quantize_model_nf4",
-    "bnb_linear4bit",
     "nf4_merge",
     "merged_weight",
     "merge_error",
@@ -110,6 +107,8 @@ def nf4_codebook(offset=NF4_OFFSET):
     The steps follow bitsandbytes' ``create_normal_map(offset=0.9677083, use_extra_value=True)``
     exactly (float32 linspace, float64 quantiles, float32 normalisation), so the result
     equals ``bitsandbytes.functional.get_4bit_type("nf4")`` bit for bit.
+
+    Book: eq-ch08-nf4 (notebooks/08_qlora).
 
     Book: eq-ch08-nf4 (notebooks/08_qlora).
     """
@@ -204,7 +203,9 @@ def block_scaled(w, blocksize=64):
     """Blockwise absmax scaling: (w / c_j, c_j), the values that get quantised, and the constants.
 
     w is flattened and cut into blocks of ``blocksize`` (the last zero-padded): returns
-    scaled (n_blocks, blocksize) in [-1, 1] and c (n_blocks, 1), c_j = max |w| over block j.
+    scaled (n_blocks, blocksize) in [-1, 1] and c (n_blocks, 1), c_j = max |w| over block j
+    (0 for an all-zero block, whose scaled values are 0). Scaling multiplies by 1 / c_j, as
+    bitsandbytes does.
     """
     _check_float_tensor("w", w)
     _check_blocksize(blocksize)
@@ -212,8 +213,9 @@ def block_scaled(w, blocksize=64):
     n = x.numel()
     n_blocks = _n_blocks(n, blocksize)
     blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
-    c = blocks.abs().amax(dim=1, keepdim=True).clamp_min(_ABSMAX_FLOOR)          # (n_blocks, 1)  c_j
-    return blocks * (1.0 / c), c
+    c = blocks.abs().amax(dim=1, keepdim=True)                                   # (n_blocks, 1)  c_j
+    # bitsandbytes divides by max(c, 1e-38): an all-zero block gives 0 * 1e38 = 0, not nan
+    return blocks * (1.0 / c.clamp_min(_ABSMAX_FLOOR)), c
 
 
 def fake_quantize_mse(w, codebook, blocksize=64):
@@ -310,10 +312,10 @@ def quantize_nf4(w, blocksize=64):
             an odd n pads the last low nibble with code 7 (the zero level), as bitsandbytes.
     absmax: float32 (ceil(n/blocksize),)  c_j = max |w| over block j; 0 for an all-zero block.
 
-    Per block: x = w * (1 / c_j), then the code is the bucket of x among the float32
-    midpoints of the codebook (nearest level). This reproduces bitsandbytes 0.50's bytes
-    exactly, including its one quirk: the last, partial block is divided, x = w / c, not
-    multiplied by 1 / c (the two can differ by one rounding and so, rarely, by one code).
+    Per block: x = w * (1 / c_j) (``block_scaled``), then the code is the bucket of x among the
+    float32 midpoints of the codebook (nearest level). This reproduces bitsandbytes 0.50's bytes
+    exactly, including its one quirk, patched below: the last, partial block is divided,
+    x = w / c, not multiplied by 1 / c (the two can differ by one rounding, rarely by one code).
     Where bitsandbytes stores 1e-38 as the absmax of an all-zero partial block, this stores 0.
     """
     _check_float_tensor("w", w)
@@ -321,17 +323,15 @@ def quantize_nf4(w, blocksize=64):
     if w.numel() == 0:
         raise ValueError(f"w has no elements (shape {tuple(w.shape)}): there is nothing to quantise")
     _checks.check_finite_count("w", int((~torch.isfinite(w)).sum()), w.shape)
-    x = w.detach().reshape(-1).float()                               # (n,)
-    n = x.numel()
-    n_blocks = _n_blocks(n, blocksize)
-    rem = n % blocksize                                             # elements in a partial last block
-    blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)   # (n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)                               # (n_blocks,)  c_j
-    safe = absmax.clamp_min(_ABSMAX_FLOOR)
-    scaled = blocks * (1.0 / safe).unsqueeze(1)                     # (n_blocks, blocksize)  w / c in [-1, 1]
+    scaled, c = block_scaled(w, blocksize)                          # (n_blocks, b) w / c_j, (n_blocks, 1) c_j
+    n, rem = w.numel(), w.numel() % blocksize                       # rem: elements of a partial last block
     if rem:
-        scaled[-1] = blocks[-1] / safe[-1]                          # bitsandbytes divides the partial block
-    mids, _ = _nf4_tables(x.device)
+        # bitsandbytes' one quirk: it divides the partial last block, x = w / c, where the full
+        # blocks are multiplied by 1 / c (the two can differ by one rounding, rarely by one code)
+        tail = w.detach().reshape(-1)[n - rem:].float()              # (rem,)
+        scaled[-1, :rem] = tail / c[-1].clamp_min(_ABSMAX_FLOOR)
+    absmax = c.squeeze(1)                                           # (n_blocks,)  c_j, 0 for a zero block
+    mids, _ = _nf4_tables(scaled.device)
     codes = torch.bucketize(scaled.reshape(-1)[:n], mids, out_int32=True).to(torch.uint8)   # (n,) in 0..15
     codes = F.pad(codes, (0, n % 2), value=_NF4_ZERO_CODE)         # (2 ceil(n/2),)  pad nibble = code 7
     packed = (codes[0::2] << 4) | codes[1::2]                       # (ceil(n/2),)  first element: high nibble
@@ -500,17 +500,6 @@ def dequantize_absmax(codes, scales, offset, blocksize=256):
     groups = scales.numel()
     v = F.pad(v, (0, groups * blocksize - m)).view(groups, blocksize) * scales.float().reshape(-1, 1)
     return v.reshape(-1)[:m] + torch.as_tensor(offset, dtype=torch.float32, device=codes.device)
-
-
-def bits_per_param(blocksize=64, double_quant=False, dq_blocksize=256):
-    """Bits per weight of NF4 storage: 4 + 32/b, or 4 + 8/b + 32/(256 b) with double quantisation.
-
-    The count is ``lora_ref.budget.nf4_bits_per_param``'s (one place for the formula); the
-    tests check it against the byte sizes of bitsandbytes' packed tensor and QuantState.
-
-    Book: eq-ch08-bits (notebooks/08_qlora).
-    """
-    return _budget.nf4_bits_per_param(blocksize, double_quant=double_quant, dq_blocksize=dq_blocksize)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -745,29 +734,6 @@ def rounds_robustly(x, decimals, rel_tol=1e-6):
     scaled = abs(float(x)) * 10**decimals
     margin = abs(scaled - math.floor(scaled) - 0.5)                 # distance to the boundary, in units
     return margin > rel_tol * scaled
-
-
-def bnb_linear4bit(linear, blocksize=64):
-    """The same frozen layer as bitsandbytes stores it: a ``bnb.nn.Linear4bit`` (NF4, fp32 constants,
-    fp32 compute) holding linear's W0 and bias, for comparing with NF4Linear / NF4LoRALinear.
-
-    Its ``support_avx512bf16_for_cpu`` flag is switched off: otherwise, on CPUs with AVX512-BF16,
-    the first eval / no_grad call repacks the weight for a bf16 kernel with no backward, and
-    gradients through the layer silently lose the W0 term (tests/test_quant.py shows the trap).
-    Needs bitsandbytes, imported here only.
-    """
-    import bitsandbytes as bnb
-
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"bnb_linear4bit takes an nn.Linear, got {type(linear).__name__}")
-    l4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
-    l4.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
-                                  compress_statistics=False, quant_type="nf4", module=l4)
-    if linear.bias is not None:
-        l4.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    l4.support_avx512bf16_for_cpu = False
-    return l4.to("cpu")                                             # Params4bit quantises on its first .to()
 
 
 def quantize_model_nf4(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lora_ref import budget
 
 LLAMA_8B = "llama-3.1-8b"
-SHIPPED = ["llama-2-7b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2-72b"]
+SHIPPED = ["llama-2-7b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2-72b", "qwen2.5-0.5b"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def llama8b():
 
 # ----------------------------------------------------------------------------- configs
 
-def test_shipped_configs_are_the_five_models_with_their_hub_source():
+def test_shipped_configs_are_the_six_models_with_their_hub_source():
     assert budget.available_configs() == sorted(SHIPPED)
     sources = {name: budget.load_config(name)["_source"] for name in SHIPPED}
     assert sources == {
@@ -31,7 +31,12 @@ def test_shipped_configs_are_the_five_models_with_their_hub_source():
         "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
         "mistral-7b": "mistralai/Mistral-7B-v0.1",
         "qwen2-72b": "Qwen/Qwen2-72B",
+        "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     }
+
+
+def test_qwen2_5_0_5b_has_its_published_494m_parameters():
+    assert budget.base_param_count(budget.load_config("qwen2.5-0.5b")) == 494_032_768
 
 
 def test_llama_3_1_8b_config_has_the_published_shapes(llama8b):

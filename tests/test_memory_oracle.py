@@ -178,7 +178,7 @@ def _quantize_decoder_nf4(model):
     """Replace every decoder linear layer by a bitsandbytes Linear4bit: NF4, blocksize 64, double
     quantisation (compress_statistics=True), as BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) loads it.
-    (lora_ref.quant.bnb_linear4bit is not used: it builds the layer WITHOUT double quantisation.)"""
+    (lora_ref.oracles.bnb_linear4bit is not used: it builds the layer WITHOUT double quantisation.)"""
     bnb = pytest.importorskip("bitsandbytes")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

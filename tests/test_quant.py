@@ -25,7 +25,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora_ref import budget  # noqa: E402
+from lora_ref import budget, oracles  # noqa: E402
 from lora_ref import quant as q  # noqa: E402
 from lora_ref import torch as lt  # noqa: E402
 
@@ -315,8 +315,7 @@ def test_bits_per_param_matches_bitsandbytes_storage(double_quant):
     counted = nbytes(packed) + nbytes(state.absmax)                 # codes + constants (8-bit or fp32)
     if double_quant:
         counted += nbytes(state.state2.absmax)                      # fp32 per 256 constants
-    bits = q.bits_per_param(64, double_quant=double_quant)
-    assert bits == budget.nf4_bits_per_param(64, double_quant=double_quant)
+    bits = budget.nf4_bits_per_param(64, double_quant=double_quant)
     assert 8 * counted / n == bits                                  # 4.5 or 4.126953125, exactly
     assert bits == (4.5 if not double_quant else 4 + 8 / 64 + 32 / (64 * 256))
     if double_quant:                                                # per tensor: the offset and the 256-entry map
@@ -393,27 +392,16 @@ _NO_AVX512_BF16 = ("needs a CPU with AVX512-BF16 (bitsandbytes.functional.has_av
                    "here): only there does Linear4bit repack its weight for a bf16 kernel")
 
 
-def _bnb_linear4bit(linear):
-    """q.bnb_linear4bit with bitsandbytes' own default flag restored, so the trap tests can spring it."""
-    l4 = q.bnb_linear4bit(linear)
-    l4.support_avx512bf16_for_cpu = bnbF.has_avx512bf16()
-    return l4
-
-
 def _peft_qlora(linear, A, B, r, alpha, rslora=False):
-    """PEFT's LoRA around a bitsandbytes Linear4bit, with the given A (r, k) and B (d, r)."""
-    from peft import LoraConfig, get_peft_model
+    """PEFT's LoRA around a bitsandbytes Linear4bit, with the given A (r, k) and B (d, r)
+    (``oracles.peft_twin``), and bitsandbytes' own default flag restored so that the trap tests
+    can spring it."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-    holder = _Holder(_bnb_linear4bit(linear))
-    holder.is_loaded_in_4bit = True                                 # PEFT then dispatches to its bnb layer
-    get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"],
-                                      use_rslora=rslora))
-    layer = holder.proj
+    ours = _Holder(_ours(copy.deepcopy(linear), A, B, r, alpha, rslora))
+    layer = oracles.peft_twin(_Holder(linear), ours, bnb_4bit=True).base_model.model.proj
     assert isinstance(layer, PeftLinear4bit)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
+    layer.base_layer.support_avx512bf16_for_cpu = bnbF.has_avx512bf16()
     return layer
 
 
@@ -562,16 +550,16 @@ def test_bitsandbytes_linear4bit_eval_repack_trap():
 
 
 def test_bnb_linear4bit_switches_the_flag_off(monkeypatch):
-    """q.bnb_linear4bit turns off the flag that bitsandbytes sets on AVX512-BF16 CPUs. We make
+    """oracles.bnb_linear4bit turns off the flag that bitsandbytes sets on AVX512-BF16 CPUs. We make
     bitsandbytes believe it runs on one (Linear4bit.__init__ reads ``has_avx512bf16`` from
     bitsandbytes.nn.modules), so the switch is checked on every CPU; building calls no kernel."""
     import bitsandbytes.nn.modules as bnb_modules
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu is True       # bitsandbytes' default there
-    assert q.bnb_linear4bit(nn.Linear(64, 64)).support_avx512bf16_for_cpu is False
+    assert oracles.bnb_linear4bit(nn.Linear(64, 64)).support_avx512bf16_for_cpu is False
     with pytest.raises(TypeError, match="takes an nn.Linear, got Conv1d"):
-        q.bnb_linear4bit(nn.Conv1d(2, 2, 1))
+        oracles.bnb_linear4bit(nn.Conv1d(2, 2, 1))
 
 
 @pytest.mark.skipif(not bnbF.has_avx512bf16(), reason=_NO_AVX512_BF16)
