@@ -199,11 +199,19 @@ def ch08_bits_per_weight(answer, blocksize=32):
 
 
 def ch08_nf4_code(answer, w=0.3, absmax=1.2):
-    """The NF4 code (0..15) of weight w in a block with absmax c: the nearest level of w / c."""
+    """The NF4 code (0..15) of weight w in a block with absmax c: the nearest level of w / c.
+
+    The expected code comes from the library's quantiser (``quant.nf4_codes``, bitsandbytes'
+    bucketing in float32) on a block that holds w and a weight of size c, so c is its absmax.
+    """
+    import torch
+
     from . import quant
 
-    levels = quant.nf4_codebook().double().numpy()
-    expected = int(np.argmin(np.abs(levels - w / absmax)))
+    if not 0 < absmax or not abs(w) <= absmax:
+        raise ValueError(f"need 0 < absmax and |w| <= absmax (absmax is the block's largest |w|), "
+                         f"got w={w}, absmax={absmax}")
+    expected = int(quant.nf4_codes(torch.tensor([w, absmax], dtype=torch.float32), blocksize=2)[0])
     return check(
         f"NF4 code of w={w} with absmax {absmax} (an integer, 0-15)", answer, expected, rtol=0,
         hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "

@@ -116,3 +116,19 @@ def test_bf16_spacing_explains_the_half_spacing_answer():
 def test_check_uses_its_tolerance():
     assert ex.check("x", 1.0, 1.0 + 1e-12, rtol=1e-9)
     assert not ex.check("x", 1.0, 1.0 + 1e-6, rtol=1e-9)
+
+
+def test_nf4_code_checker_agrees_with_bitsandbytes_at_the_rounding_edges():
+    """The checker's code is bitsandbytes' code, also for w / c on a midpoint between two levels,
+    where an argmin over |v - w / c| may pick the other neighbour."""
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    from lora_ref import quant
+    levels = quant.nf4_codebook()
+    for mid in ((levels[1:] + levels[:-1]) / 2).tolist():
+        block = torch.zeros(64)
+        block[0], block[1] = mid, 1.0                               # absmax 1: w / c = the midpoint
+        packed, _ = bnbF.quantize_4bit(block, blocksize=64, quant_type="nf4", compress_statistics=False)
+        theirs = int(packed.reshape(-1)[0]) >> 4                     # the first element: the high nibble
+        assert ex.ch08_nf4_code(theirs, w=mid, absmax=1.0), (mid, theirs)
