@@ -50,6 +50,19 @@ def check_finite_count(name, n_nonfinite, shape):
         raise ValueError(f"{name} has {n_nonfinite} non-finite value(s) (nan or inf) in shape {tuple(shape)}")
 
 
+def resolve_dtype(dtype, library, dtype_type):
+    """A dtype or its name -> the dtype: 'float64' or torch.float64 -> torch.float64.
+
+    library is the module that names its dtypes (torch), dtype_type their class (torch.dtype);
+    passed in, so that this module imports neither numpy nor torch.
+    """
+    if isinstance(dtype, dtype_type):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(library, dtype, None), dtype_type):
+        return getattr(library, dtype)
+    raise TypeError(f"dtype must be a {library.__name__} dtype or its name such as 'float32', got {dtype!r}")
+
+
 def check_ndim(name, shape, ndim):
     if len(shape) != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(shape)}")

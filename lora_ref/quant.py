@@ -524,7 +524,7 @@ class NF4Linear(nn.Module):
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (out_features,) = ({out_features},)")
         if compute_dtype is not None:
-            compute_dtype = _lt._dtype(compute_dtype)
+            compute_dtype = _checks.resolve_dtype(compute_dtype, torch, torch.dtype)
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.compute_dtype = blocksize, compute_dtype
         self.register_buffer("packed", packed.detach().reshape(-1).clone())

@@ -46,11 +46,7 @@ def _shape(t):
 
 def _dtype(dtype):
     """'float64' or torch.float64 -> torch.float64."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise TypeError(f"dtype must be a torch.dtype or its name such as 'float32', got {dtype!r}")
+    return _checks.resolve_dtype(dtype, torch, torch.dtype)
 
 
 def _check_finite(name, t):
