@@ -346,11 +346,11 @@ def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
     parts = ", ".join(f"{name} {pct(errs[j])}" for name, errs in errors.items())
     fig.update_layout(
         title_text=f"The smaller the update, the more of it a merge loses.<br>At ‖ΔW‖ / ‖W0‖ = {rel_sizes[j]:.0e}, "
-                   f"the error is, as a share of the update: {parts}",
+                   f"error / update:<br>{parts}",
         xaxis=dict(log_axis("size of the update, ‖ΔW‖ / ‖W0‖ (Frobenius, log scale)", list(rel_sizes)),
                    exponentformat="power"),
         yaxis=dict(log_axis("merge error / ‖ΔW‖ (log scale)", nonzero + [1.0]), exponentformat="power"),
     )
     themed(fig, height=480)
-    fig.update_layout(margin=dict(t=90), legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
+    fig.update_layout(margin=dict(t=110), legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
     return fig
