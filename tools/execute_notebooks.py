@@ -19,6 +19,7 @@ LIMIT_S = 60
 def main(paths):
     os.environ.setdefault("PLOTLY_RENDERER", "notebook_connected")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see the Makefile
     slow = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)
