@@ -29,6 +29,12 @@ __all__ = [
     "ch02_forward_by_hand",
     "ch02_crossover_tokens",
     "ch02_bf16_spacing",
+    "ch03_lr_B_factor",
+    "ch03_rank_exponent",
+    "ch03_retune_factor",
+    "ch04_kaiming_variance",
+    "ch04_false_init_std",
+    "ch04_first_step_exponent",
     "ch08_bits_per_weight",
     "ch08_nf4_code",
 ]
@@ -182,6 +188,83 @@ def ch02_bf16_spacing(answer):
     except (TypeError, ValueError):
         pass
     return check("the spacing of bf16 numbers in [1, 2) (exact)", answer, expected, rtol=0, hint=hint)
+
+
+# --------------------------------------------------------------------------- chapter 04
+
+
+def ch04_kaiming_variance(answer, k=4096):
+    """Var(A_ij) of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k."""
+    from . import initialization
+
+    expected = initialization.a_variance("kaiming", k, 1)
+    return check(f"Var(A_ij) of PEFT's default init at k={k} (4 significant figures)", answer, expected,
+                 sig_figs=4, hint="the bound is gain * sqrt(3 / fan_in) with gain sqrt(2 / (1 + a^2)), a = sqrt(5); "
+                 "then Var U(-b, b) = (1 / 2b) * integral of x^2 from -b to b.")
+
+
+def ch04_false_init_std(answer, k=4096):
+    """Standard deviation of (BA)_ij under PEFT's init_lora_weights=False, fan_in k."""
+    from . import initialization
+
+    expected = math.sqrt(initialization.peft_false_ba_variance(k))
+    return check(f"sd of (BA)_ij with init_lora_weights=False, k={k} (4 significant figures)", answer, expected,
+                 sig_figs=4, hint="both factors keep nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B's fan_in is r. "
+                 "Multiply the variance of a product by r, then take the square root.")
+
+
+def ch04_first_step_exponent(answer, optimizer="adam", init="gaussian", rule="alpha/sqrt(r)"):
+    """The exponent e of r in the size of the adapter's output after the first step from B = 0."""
+    from . import initialization
+
+    expected = float(initialization.first_step_exponent(optimizer, init, rule))
+    return check(f"exponent of r, {optimizer}, {init} A, s = {rule} (exact)", answer, expected, atol=1e-12,
+                 hint="write the first step's output size with s, r and Var(A_ij), then put in how each depends on r.")
+
+
+# --------------------------------------------------------------------------- chapter 03
+
+
+def ch03_lr_B_factor(answer, c=4, optimizer="adam"):
+    """Raising alpha by c, with PEFT's init (A0, B0 = 0) and lr kept, gives the Delta W trajectory of the
+    old alpha with B's learning rate (only B's) multiplied by this factor."""
+    from . import rank_scaling
+
+    # (c s, A0, 0, lr, lr) -> rescale B by b = c: (s, A0, 0, lr, c^p lr)
+    expected = rank_scaling.equivalent_settings(float(c), 1.0, 1.0, 1.0, float(c), optimizer)["lr_B"]
+    return check(
+        f"factor on B's learning rate equivalent to alpha x {c} under {optimizer} (exact)", answer, expected,
+        rtol=1e-12,
+        hint="Delta W = s B A is unchanged by s -> s / c, B -> c B, and B0 = 0 stays 0; find how B's gradient "
+        "scales, then how the optimizer turns a gradient into a step (SGD: linearly; Adam: not at all).",
+    )
+
+
+def ch03_rank_exponent(answer, e=-0.25, optimizer="sgd"):
+    """Exponent of r in the expected first-step loss decrease from B = 0, for s = alpha r^e."""
+    from fractions import Fraction
+
+    from . import rank_scaling
+
+    expected = float(rank_scaling.first_step_rank_exponent(Fraction(e).limit_denominator(1000), optimizer))
+    return check(
+        f"exponent of r in the first-step decrease, s = alpha r^({e}), {optimizer} (exact)", answer, expected,
+        rtol=0, atol=1e-12,
+        hint="write the decrease with G A^T: SGD gives lr s^2 ||G A^T||_F^2, Adam lr s sum |G A^T|; "
+        "each of the r rows of A adds the same expected amount.",
+    )
+
+
+def ch03_retune_factor(answer, r_from=16, r_to=64, rule="alpha/r", optimizer="sgd"):
+    """The factor on lr that keeps the expected first-step decrease when r changes at fixed alpha."""
+    from . import rank_scaling
+
+    expected = rank_scaling.retune_factor(r_from, r_to, rule, optimizer)
+    return check(
+        f"lr factor from r={r_from} to r={r_to}, s = {rule}, {optimizer} (3 significant figures)", answer, expected,
+        sig_figs=3,
+        hint="the decrease grows like lr r^E; find E for this rule and optimizer, then keep lr r^E fixed.",
+    )
 
 
 # --------------------------------------------------------------------------- chapter 08

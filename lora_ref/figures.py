@@ -18,7 +18,8 @@ __all__ = [
     "COLORS", "themed", "stepped_figure", "log_axis", "show",
     "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
     "codebook_figure", "blocksize_figure", "loss_curves_figure",
-    "code_frequency_figure", "merge_regimes_figure",
+    "code_frequency_figure", "merge_regimes_figure", "rank_sweep_figure",
+    "ba_entry_law_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -353,4 +354,83 @@ def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
     )
     themed(fig, height=480)
     fig.update_layout(margin=dict(t=110), legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
+    return fig
+
+
+# --------------------------------------------------------------------------- chapter 04
+
+
+def ba_entry_law_figure(r_values, samples, kurtosis_closed, bins=60, span=4.0):
+    """The law of one standardised entry of B A against N(0, 1), with a slider over r.
+
+    samples: {r: (n,) draws of (BA)_ij}; kurtosis_closed: {r: excess kurtosis from the closed form}.
+    Each step: a density histogram of (x - mean) / sd over [-span, span] and the normal density.
+    """
+    import numpy as np
+
+    edges = np.linspace(-span, span, bins + 1)
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    grid = np.linspace(-span, span, 241)
+    normal = np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi)
+    steps = []
+    for r in r_values:
+        x = np.asarray(samples[r], dtype=float)
+        t = (x - x.mean()) / x.std()
+        dens, _ = np.histogram(t, bins=edges)
+        dens = dens / (t.size * (edges[1] - edges[0]))          # a density over the whole sample
+        traces = [go.Bar(x=mids, y=dens, name="entry of B A, standardised", marker_color=COLORS["blue"],
+                         opacity=0.7, hovertemplate="%{x:.2f}: density %{y:.3f}<extra></extra>"),
+                  go.Scatter(x=grid, y=normal, name="N(0, 1)", mode="lines", line=dict(color=COLORS["red"]),
+                             hovertemplate="%{x:.2f}: %{y:.3f}<extra>N(0, 1)</extra>")]
+        steps.append((r, traces, f"r = {r}: an entry of B A is a sum of {r} products; "
+                                 f"excess kurtosis {float(kurtosis_closed[r]):.3g} → 0 as r grows"))
+    return stepped_figure(steps, "r", active=0, bargap=0,
+                          xaxis=dict(title="standardised entry ((BA)ᵢⱼ − mean) / sd (dimensionless)",
+                                     range=[-span, span]),
+                          yaxis=dict(title="probability density (per unit)", range=[0, 1.0]))
+
+
+# --------------------------------------------------------------------------- chapter 03
+
+
+def rank_sweep_figure(ranks, runs, active_r=64):
+    """Loss curves of the rank sweep (left) and the adapters' gradient norm at step 0 against r (right);
+    the slider picks r. runs: {optimizer: {rule: {r: {"loss": [...], "grad_norm": [...]}}}}
+    (lora_ref.rank_scaling.rank_sweep, or the chapter's JSON with string keys r)."""
+    from plotly.subplots import make_subplots
+
+    get = lambda by_r, r: by_r[r] if r in by_r else by_r[str(r)]          # noqa: E731
+    styles = {"alpha/r": dict(dash="solid"), "alpha/sqrt(r)": dict(dash="dot")}
+    colors = {"sgd": COLORS["blue"], "adam": COLORS["orange"]}
+    grad = {rule: [get(runs["sgd"][rule], r)["grad_norm"][0] for r in ranks] for rule in runs["sgd"]}
+    all_loss = [v for opt in runs.values() for by_r in opt.values() for r in ranks for v in get(by_r, r)["loss"]]
+    steps = []
+    for r in ranks:
+        traces, finals = [], {}
+        for opt, by_rule in runs.items():
+            for rule, by_r in by_rule.items():
+                loss = get(by_r, r)["loss"]
+                finals[(opt, rule)] = loss[-1]
+                traces.append(go.Scatter(x=list(range(len(loss))), y=loss, mode="lines", name=f"{opt}, s = {rule}",
+                                         line=dict(color=colors[opt], **styles[rule]), xaxis="x", yaxis="y",
+                                         hovertemplate="step %{x}: loss %{y:.4g}<extra>" + f"{opt}, {rule}</extra>"))
+        for rule, g in grad.items():
+            traces.append(go.Scatter(x=list(ranks), y=g, mode="lines+markers", name=f"‖∇‖ at step 0, {rule}",
+                                     line=dict(color=COLORS["green"], **styles[rule]), xaxis="x2", yaxis="y2",
+                                     showlegend=False, hovertemplate="r = %{x}: %{y:.3g}<extra>" + rule + "</extra>"))
+            traces.append(go.Scatter(x=[r], y=[g[list(ranks).index(r)]], mode="markers", showlegend=False,
+                                     marker=dict(size=12, color=COLORS["red"]), xaxis="x2", yaxis="y2", hoverinfo="skip"))
+        title = (f"r = {r}: after {len(loss) - 1} steps, SGD reaches {finals[('sgd', 'alpha/r')]:.3g} with α/r "
+                 f"and {finals[('sgd', 'alpha/sqrt(r)')]:.3g} with α/√r;<br>Adam {finals[('adam', 'alpha/r')]:.3g} "
+                 f"and {finals[('adam', 'alpha/sqrt(r)')]:.3g}")
+        steps.append((r, traces, title))
+    all_grad = [v for g in grad.values() for v in g]
+    fig = stepped_figure(
+        steps, "r", active=list(ranks).index(active_r),
+        xaxis=dict(title="optimizer step", domain=[0, 0.55]),
+        yaxis=dict(title="loss ½‖sBA − W*‖²_F", range=[0, 1.05 * max(all_loss)]),
+        xaxis2=dict(log_axis("rank r (log scale)", list(ranks)), domain=[0.68, 1], anchor="y2", dtick=math.log10(2) * 2),
+        yaxis2=dict(log_axis("‖(∂L/∂A, ∂L/∂B)‖_F at step 0 (log)", all_grad), anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=110))
     return fig

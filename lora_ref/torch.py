@@ -31,6 +31,7 @@ __all__ = [
     "merge",
     "unmerge",
     "lora_grads",
+    "delta_w_sgd_step",
     "LoRALinear",
     "add_lora",
     "replace_linears",
@@ -170,6 +171,23 @@ def lora_grads(x, grad_y, A, B, scaling):
     dB = scaling * (g2.T @ z)                     # (d, r)   s Ybar (A X)^T
     dA = scaling * ((g2 @ B).T @ x2)              # (r, k)   s B^T Ybar X^T
     return dA, dB
+
+
+def delta_w_sgd_step(grad_W, A, B, scaling, lr):
+    """First-order change of Delta W = s B A after one SGD step of size lr on A and B.
+
+    With G = dL/dW (d, k), the gradients are dL/dA = s B^T G and dL/dB = s G A^T, so
+        Delta W' - Delta W = -lr s^2 (G A^T A + B B^T G) + lr^2 s^3 G A^T B^T G.
+    Returns the first-order term  -lr s^2 (G A^T A + B B^T G), a (d, k) matrix.
+
+    Book: eq-ch03-sgd-step (notebooks/03_scaling).
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(grad_W), _shape(A), _shape(B), W_name="grad_W")
+    _checks.check_finite_scalar("scaling", scaling)
+    _checks.check_finite_scalar("lr", lr)
+    from_A = (grad_W @ A.T) @ A                   # (d, r) @ (r, k) -> (d, k)   G A^T A: A moves, B fixed
+    from_B = B @ (B.T @ grad_W)                   # (d, r) @ (r, k) -> (d, k)   B B^T G: B moves, A fixed
+    return -lr * scaling**2 * (from_A + from_B)   # (d, k)
 
 
 # --------------------------------------------------------------------------- layer

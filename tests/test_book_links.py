@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+)\)\.")
-MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral"]
+MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral",
+           "lora_ref.initialization", "lora_ref.rank_scaling"]
 
 # The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
 REQUIRED = {
@@ -27,6 +28,20 @@ REQUIRED = {
     "lora_ref.budget.qlora_memory": "eq-ch01-lora-mem",
     "lora_ref.budget.forward_macs": "eq-ch02-macs",
     "lora_ref.budget.materialise_crossover_tokens": "eq-ch02-crossover",
+    "lora_ref.numpy.delta_w_sgd_step": "eq-ch03-sgd-step",
+    "lora_ref.rank_scaling.scale_for_rule": "eq-ch03-rules",
+    "lora_ref.rank_scaling.equivalent_settings": "prop-ch03-equivalence",
+    "lora_ref.rank_scaling.first_step_decrease": "eq-ch03-first-step",
+    "lora_ref.rank_scaling.first_step_rank_exponent": "eq-ch03-exponents",
+    "lora_ref.rank_scaling.retune_factor": "eq-ch03-exponents",
+    "lora_ref.initialization.ba_second_moment": "prop-ch04-var",
+    "lora_ref.initialization.a_variance": "eq-ch04-kaiming",
+    "lora_ref.initialization.ba_excess_kurtosis": "eq-ch04-kurtosis",
+    "lora_ref.initialization.peft_false_ba_variance": "eq-ch04-false",
+    "lora_ref.initialization.symmetric_output_rms": "eq-ch04-symmetric",
+    "lora_ref.initialization.first_step_delta_y": "eq-ch04-sgd-step",
+    "lora_ref.initialization.first_step_size": "eq-ch04-sgd-size",
+    "lora_ref.initialization.first_step_exponent": "eq-ch04-exponent",
 }
 
 
