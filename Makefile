@@ -11,6 +11,9 @@ export OMP_NUM_THREADS := 2
 # OpenMP threads that wait by sleeping, not spinning: on a shared or loaded machine, spinning
 # threads slow a chapter's training loop tenfold (10 s against 1.2 s for 10 steps, measured).
 export OMP_WAIT_POLICY := PASSIVE
+# MKL takes exactly OMP_NUM_THREADS threads, not fewer when the machine is busy: the same product
+# then sums in the same order from one call to the next.
+export MKL_DYNAMIC := FALSE
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # Training loops show a progress bar to live readers only, never in committed or checked outputs.
 export LORA_BOOK_QUIET := 1

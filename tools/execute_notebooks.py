@@ -20,6 +20,7 @@ def main(paths):
     os.environ.setdefault("PLOTLY_RENDERER", "notebook_connected")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see the Makefile
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     slow = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)
