@@ -25,9 +25,11 @@ from . import torch as lt
 __all__ = ["bnb_linear4bit", "peft_twin"]
 
 
-def bnb_linear4bit(linear, blocksize=64):
-    """The same frozen layer as bitsandbytes stores it: a ``bnb.nn.Linear4bit`` (NF4, fp32 constants,
-    fp32 compute) holding linear's W0 and bias, for comparing with NF4Linear / NF4LoRALinear.
+def bnb_linear4bit(linear, blocksize=64, double_quant=False, compute_dtype=torch.float32):
+    """The same frozen layer as bitsandbytes stores it: a ``bnb.nn.Linear4bit`` (NF4) holding linear's
+    W0 and bias, for comparing with NF4Linear / NF4LoRALinear. By default its constants are fp32 and
+    it computes in fp32; ``double_quant=True`` stores them as QLoRA does (bitsandbytes'
+    ``compress_statistics``), as ``BitsAndBytesConfig(bnb_4bit_use_double_quant=True)`` loads it.
 
     Its ``support_avx512bf16_for_cpu`` flag is switched off: otherwise, on CPUs with AVX512-BF16,
     the first eval / no_grad call repacks the weight for a bf16 kernel with no backward, and
@@ -38,9 +40,9 @@ def bnb_linear4bit(linear, blocksize=64):
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"bnb_linear4bit takes an nn.Linear, got {type(linear).__name__}")
     l4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+                           compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
     l4.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
-                                  compress_statistics=False, quant_type="nf4", module=l4)
+                                  compress_statistics=double_quant, quant_type="nf4", module=l4)
     if linear.bias is not None:
         l4.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     l4.support_avx512bf16_for_cpu = False

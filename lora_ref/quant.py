@@ -109,8 +109,6 @@ def nf4_codebook(offset=NF4_OFFSET):
     equals ``bitsandbytes.functional.get_4bit_type("nf4")`` bit for bit.
 
     Book: eq-ch08-nf4 (notebooks/08_qlora).
-
-    Book: eq-ch08-nf4 (notebooks/08_qlora).
     """
     _checks.check_finite_scalar("offset", offset)
     if not 0.5 < offset < 1.0:

@@ -11,12 +11,12 @@ Training uses torch; the closed forms take plain arrays.
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
 
 from . import _checks
+from . import numpy as ln
 
 __all__ = ["SCALE_RULES", "scale_for_rule", "equivalent_settings", "first_step_decrease",
            "first_step_rank_exponent", "retune_factor", "target_update", "train_regression", "rank_sweep",
@@ -42,8 +42,8 @@ def scale_for_rule(rule, alpha, r):
     _checks.check_rank(r)
     _checks.check_finite_scalar("alpha", alpha)
     if rule == "alpha=2r":
-        return 2.0                               # s = (2r) / r = 2, whatever r
-    return alpha / r if rule == "alpha/r" else alpha / math.sqrt(r)
+        return ln.scaling(2 * r, r)              # s = (2r) / r = 2, whatever r
+    return ln.scaling(alpha, r, rslora=rule == "alpha/sqrt(r)")
 
 
 def equivalent_settings(scaling, lr_A, lr_B, a, b, optimizer, eps=1e-8):

@@ -68,11 +68,20 @@ DOCS = dict(_public_functions())
 
 @pytest.mark.parametrize("name", sorted(n for n, d in DOCS.items() if "Book:" in d))
 def test_every_book_reference_names_a_label_that_exists(name):
-    refs = BOOK_LINE.findall(DOCS[name].replace("\n", " "))
+    refs = _references(DOCS[name])
     assert refs, f"{name}: a 'Book:' line must read 'Book: eq-..., prop-... (notebooks/NN_topic).'"
-    for labels, page in refs:
-        missing = set(labels.split(", ")) - _labels(page)
-        assert not missing, f"{name} cites {sorted(missing)}, which {page} does not define"
+    missing = _missing(refs)
+    assert not missing, f"{name} cites labels its page does not define: {missing}"
+
+
+def _references(doc):
+    """[(labels, page)] of the 'Book:' lines of a docstring."""
+    return BOOK_LINE.findall(doc.replace("\n", " "))
+
+
+def _missing(refs):
+    """The cited labels that their page does not define."""
+    return sorted(label for labels, page in refs for label in set(labels.split(", ")) - _labels(page))
 
 
 @pytest.mark.parametrize("name, label", sorted(REQUIRED.items()))
@@ -82,6 +91,8 @@ def test_each_formula_of_the_chapters_is_linked_from_its_function(name, label):
         f"{name}'s docstring does not name {label}"
 
 
-def test_the_rule_rejects_a_label_that_does_not_exist():
-    assert "eq-ch02-nonexistent" not in _labels("notebooks/02_forward_pass")
-    assert "eq-ch02-rows" in _labels("notebooks/02_forward_pass")
+def test_the_rule_rejects_a_label_that_does_not_exist_and_a_malformed_line():
+    doc = "Book: eq-ch02-rows, eq-ch02-nonexistent (notebooks/02_forward_pass)."
+    assert _missing(_references(doc)) == ["eq-ch02-nonexistent"]
+    assert _missing(_references("Book: eq-ch02-rows (notebooks/02_forward_pass).")) == []
+    assert _references("Book: eq-ch02-rows in notebooks/02_forward_pass") == []

@@ -6,7 +6,9 @@ way each method trains, take one AdamW step, and add up the bytes of every tenso
 keeps alive: the parameters, the gradients of the trainable ones, and the optimizer state.
 Each storage is counted once (tied weights share one).
 
-Two things the budget leaves out on purpose, and which we account for explicitly:
+Two things the per-parameter budgets (lora_memory, qlora_memory) leave out on purpose, and which
+we account for explicitly (budget.qlora_training_memory, tested in tests/test_hub_qlora.py, models
+both):
   - AdamW's ``step`` counter: one fp32 scalar tensor (4 bytes) per trainable TENSOR, not per
     parameter. The budget counts bytes per parameter, so we add 4 T for T trainable tensors.
   - bitsandbytes' per-matrix constants with double quantisation (see the QLoRA test).
@@ -177,19 +179,15 @@ def test_lora_memory_equals_bytes_of_peft_lora_after_one_adamw_step(target_modul
 def _quantize_decoder_nf4(model):
     """Replace every decoder linear layer by a bitsandbytes Linear4bit: NF4, blocksize 64, double
     quantisation (compress_statistics=True), as BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) loads it.
-    (lora_ref.oracles.bnb_linear4bit is not used: it builds the layer WITHOUT double quantisation.)"""
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) loads it (lora_ref.oracles)."""
+    pytest.importorskip("bitsandbytes")
+    from lora_ref import oracles
+
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not (isinstance(child, torch.nn.Linear) and child_name in budget.LINEAR_MODULES):
                 continue
-            l4 = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                   compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-            l4.weight = bnb.nn.Params4bit(child.weight.detach().clone(), requires_grad=False, blocksize=64,
-                                          compress_statistics=True, quant_type="nf4", module=l4)
-            l4.support_avx512bf16_for_cpu = False          # no bf16 repacking (tests/test_quant.py)
-            setattr(module, child_name, l4.to("cpu"))      # Params4bit quantises on its first .to()
+            setattr(module, child_name, oracles.bnb_linear4bit(child, double_quant=True, compute_dtype=torch.bfloat16))
     model.is_loaded_in_4bit = True                         # PEFT then wraps Linear4bit in its bnb LoRA layer
     return model
 
@@ -266,7 +264,7 @@ def test_qlora_memory_equals_bytes_of_peft_on_bitsandbytes_nf4_after_one_adamw_s
 
 
 def test_prepare_model_for_kbit_training_upcasts_the_16bit_rest_to_fp32():
-    """What the budget does NOT model: PEFT's prepare_model_for_kbit_training (used before QLoRA
+    """What budget.qlora_memory does NOT model (budget.qlora_training_memory does): PEFT's prepare_model_for_kbit_training (used before QLoRA
     training) casts every bf16/fp16 parameter that is not NF4 (embeddings, norms, lm_head) to fp32,
     so that part of the frozen base costs 4 bytes/param, not the 2 that qlora_memory assumes."""
     import bitsandbytes as bnb

@@ -33,7 +33,7 @@ def _texts():
     for path in sorted(ROOT.glob("notebooks/*.ipynb")) + sorted(ROOT.glob("book/*.ipynb")):
         for i, cell in enumerate(json.loads(path.read_text())["cells"]):
             yield f"{path.relative_to(ROOT)} cell {i}", "".join(cell["source"])
-    for path in sorted(ROOT.glob("book/*.md")) + sorted(ROOT.glob("lora_ref/*.py")):
+    for path in sorted(ROOT.glob("book/*.md")) + sorted(ROOT.glob("lora_ref/**/*.py")):
         if path.name != "notation.md":
             yield str(path.relative_to(ROOT)), path.read_text()
 

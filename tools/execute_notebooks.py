@@ -19,7 +19,7 @@ LIMIT_S = 60
 def main(paths):
     os.environ.setdefault("PLOTLY_RENDERER", "notebook_connected")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see the Makefile
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")       # see the Makefile
     os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     slow = []
     for path in paths:
