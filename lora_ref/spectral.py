@@ -23,6 +23,10 @@ __all__ = [
     "effective_rank",
     "effective_rank_of_spectrum",
     "subspace_similarity",
+    "projected_norm",
+    "amplification_factor",
+    "singular_vector_overlap",
+    "intruder_dimensions",
 ]
 
 
@@ -84,6 +88,7 @@ def effective_rank_of_spectrum(sigma):
 
     1 <= erank <= rank: it is 1 when one direction holds all the energy and equals
     the rank when the nonzero singular values are equal. Zero terms contribute 0 (0 log 0 = 0).
+    Book: eq-ch07-erank (notebooks/07_trained_adapters).
     """
     sigma = np.asarray(sigma, dtype=np.float64)
     if sigma.ndim != 1 or sigma.size == 0:
@@ -100,7 +105,8 @@ def effective_rank_of_spectrum(sigma):
 def effective_rank(M):
     """Effective rank of a matrix M, from its singular values (Roy & Vetterli 2007).
 
-    effective_rank(diag(3, 2, 1)) = exp(H(1/2, 1/3, 1/6)) = 2.7495...
+    effective_rank(diag(3, 2, 1)) = exp(H(1/2, 1/3, 1/6)) = 2^(2/3) sqrt(3) = 2.7495...
+    Book: eq-ch07-erank, prop-ch07-erank (notebooks/07_trained_adapters).
     """
     return effective_rank_of_spectrum(singular_values(M))
 
@@ -115,6 +121,7 @@ def subspace_similarity(A1, A2, i, j):
 
     1 when one subspace contains the other, 0 when they are orthogonal.
     A1: (r1, k), A2: (r2, k), 1 <= i <= r1, 1 <= j <= r2. For B matrices (d, r), pass B.T.
+    Book: eq-ch07-phi (notebooks/07_trained_adapters).
     """
     A1 = _as_matrix(A1, "A1")
     A2 = _as_matrix(A2, "A2")
@@ -130,3 +137,86 @@ def subspace_similarity(A1, A2, i, j):
     V1 = np.linalg.svd(A1, full_matrices=False)[2][:i].T      # (k, i) top-i right-singular vectors
     V2 = np.linalg.svd(A2, full_matrices=False)[2][:j].T      # (k, j)
     return float(np.linalg.norm(V1.T @ V2, "fro") ** 2 / min(i, j))
+
+
+def _top_singular_vectors(M, r, name):
+    """U_r (m, r), V_r (n, r): the top-r left and right singular vectors of M, which must have
+    rank >= r numerically (else its r-th direction is not determined by M)."""
+    U, sigma, Vt = np.linalg.svd(M, full_matrices=False)       # (m, p), (p,), (p, n)
+    tol = sigma[0] * max(M.shape) * np.finfo(np.float64).eps   # numpy's matrix_rank tolerance
+    if sigma[r - 1] <= tol:
+        q = int(np.sum(sigma > tol))
+        raise ValueError(f"{name} {M.shape} has numerical rank {q} < r={r}: its top-{r} singular vectors "
+                         f"are not determined by it (sigma_{r} = {sigma[r - 1]:.3g})")
+    return U[:, :r], Vt[:r].T
+
+
+def projected_norm(W0, M, r):
+    """||U_r^T W0 V_r||_F, with U_r (d, r) and V_r (k, r) the top-r left and right singular
+    vectors of M (d, k): how large W0 is inside the r directions of M.
+
+    The LoRA paper's Table 7 tabulates this for M = Delta W (the update's directions),
+    M = W0 (its own top-r: sqrt(sigma_1^2 + ... + sigma_r^2)) and M = a random matrix.
+    Book: eq-ch07-amplification (notebooks/07_trained_adapters).
+    """
+    W0, M = _as_matrix(W0, "W0"), _as_matrix(M, "M")
+    if W0.shape != M.shape:
+        raise ValueError(f"W0 {W0.shape} and M {M.shape} must have the same shape (d, k)")
+    _checks.check_rank(r, *W0.shape)
+    U, V = _top_singular_vectors(M, r, "M")                    # (d, r), (k, r)
+    return float(np.linalg.norm(U.T @ W0 @ V, "fro"))          # ||(r, d) (d, k) (k, r)||_F
+
+
+def amplification_factor(delta_W, W0, r):
+    """The LoRA paper's feature amplification factor (Hu et al. 2021, Sec. 7.3 and App. H.4):
+
+        ||Delta W||_F / ||U_r^T W0 V_r||_F,   U_r (d, r), V_r (k, r) the top-r singular vectors of Delta W.
+
+    Since Delta W lies in its own top-r directions when rank(Delta W) = r, the ratio is
+    ||U_r^T Delta W V_r||_F / ||U_r^T W0 V_r||_F: how many times larger the update is than the
+    pretrained weight in the update's own r x r block. The paper writes U^T W V^T with V holding
+    the right singular vectors as rows (numpy's Vt); here V_r holds them as columns, the same number.
+    delta_W, W0: (d, k); 1 <= r <= min(d, k) and rank(Delta W) >= r. Returns inf when W0 has no
+    component in those directions.
+    Book: eq-ch07-amplification (notebooks/07_trained_adapters).
+    """
+    delta_W = _as_matrix(delta_W, "delta_W")
+    denominator = projected_norm(W0, delta_W, r)               # checks the shapes, r and rank(Delta W)
+    numerator = float(np.linalg.norm(delta_W, "fro"))
+    return numerator / denominator if denominator > 0 else math.inf
+
+
+def singular_vector_overlap(W0, W, top_k=10):
+    """max_i |cos(u_j(W), u_i(W0))| for j = 1..top_k: how well each of the top_k left singular
+    vectors of W (d, k) is matched by some left singular vector of W0 (d, k).
+
+    Singular vectors are unit vectors defined up to sign, so the cosine is |u_j^T u_i|.
+    Returns a (top_k,) array in [0, 1].
+    Book: eq-ch07-intruder (notebooks/07_trained_adapters).
+    """
+    W0, W = _as_matrix(W0, "W0"), _as_matrix(W, "W")
+    if W0.shape != W.shape:
+        raise ValueError(f"W0 {W0.shape} and W {W.shape} must have the same shape (d, k)")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise TypeError(f"top_k must be an integer, got top_k={top_k!r}")
+    if not 1 <= top_k <= min(W.shape):
+        raise ValueError(f"top_k={top_k} must be in [1, {min(W.shape)}] for matrices of shape {W.shape}")
+    U0 = np.linalg.svd(W0, full_matrices=False)[0]            # (d, p) left singular vectors of W0
+    U = np.linalg.svd(W, full_matrices=False)[0][:, :top_k]   # (d, top_k) the top_k of W
+    return np.abs(U.T @ U0).max(axis=1)                        # (top_k,) best match of each
+
+
+def intruder_dimensions(W0, W, top_k=10, eps=0.5):
+    """Intruder dimensions (Shuttleworth et al. 2024, Definition 1): the indices j < top_k
+    (0-based) of the top_k left singular vectors u_j of the fine-tuned W (d, k) with
+
+        max_i |cos(u_j(W), u_i(W0))| < eps   over every left singular vector u_i of W0 (d, k):
+
+    new high-ranking directions that no direction of the pretrained W0 resembles. top_k=10 and
+    eps=0.5 are the defaults of the authors' code and of PEFT's reduce_intruder_dimension.
+    Book: eq-ch07-intruder (notebooks/07_trained_adapters).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps <= 1:
+        raise ValueError(f"eps must be a number in (0, 1] (a cosine threshold), got eps={eps!r}")
+    overlap = singular_vector_overlap(W0, W, top_k)
+    return [int(j) for j in np.flatnonzero(overlap < eps)]
