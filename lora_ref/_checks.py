@@ -129,3 +129,61 @@ def check_init_options(init, a_std, b_std):
         check_finite_scalar("b_std", b_std)
         if b_std < 0:
             raise ValueError(f"b_std must be >= 0, got b_std={b_std}")
+
+
+def check_batched_lora(x_shape, W_shape, As_shape, Bs_shape, s_shape, index_shape):
+    """A mixed batch: x (n, k), W0 (d, k), As (m, r, k), Bs (m, d, r), scalings (m,), index (n,).
+
+    Returns (n, d, r, k, m).
+    """
+    check_ndim("x", x_shape, 2)
+    check_ndim("W0", W_shape, 2)
+    check_ndim("As", As_shape, 3)
+    check_ndim("Bs", Bs_shape, 3)
+    (n, k), (d, k_w), (m, r, k_a) = x_shape, W_shape, As_shape
+    if k_w != k:
+        raise ValueError(f"x is {tuple(x_shape)} = (n, k) but W0 is {tuple(W_shape)} = (d, k): k differs ({k} != {k_w})")
+    if k_a != k:
+        raise ValueError(f"As is {tuple(As_shape)} = (m, r, k) but x is {tuple(x_shape)} = (n, k): k differs ({k_a} != {k})")
+    if tuple(Bs_shape) != (m, d, r):
+        raise ValueError(f"Bs is {tuple(Bs_shape)}; with As {tuple(As_shape)} = (m, r, k) and W0 {tuple(W_shape)} = (d, k) "
+                         f"it must be (m, d, r) = ({m}, {d}, {r})")
+    if m == 0 or r == 0:
+        raise ValueError(f"As is {tuple(As_shape)}: need at least one adapter (m >= 1) of rank r >= 1")
+    if tuple(s_shape) != (m,):
+        raise ValueError(f"scalings has shape {tuple(s_shape)}; expected (m,) = ({m},), one scale per adapter")
+    if tuple(index_shape) != (n,):
+        raise ValueError(f"index has shape {tuple(index_shape)}; expected (n,) = ({n},), one adapter per row of x")
+    return n, d, r, k, m
+
+
+def check_adapter_index(is_integer, lo, hi, m):
+    """index: integers in [-1, m), -1 meaning the base model alone; lo, hi are its min and max."""
+    if not is_integer:
+        raise TypeError("index must hold integers (the adapter of each row, -1 for the base model)")
+    if lo < -1 or hi >= m:
+        raise ValueError(f"index must be in [-1, m) = [-1, {m}) (-1: base model only), got values from {lo} to {hi}")
+
+
+def check_adapter_list(A_shapes, B_shapes, r=None):
+    """Adapters j = 1..m with A_j (r_j, k) and B_j (d, r_j), one (d, k) for all; r >= every r_j.
+
+    Returns (ranks, d, k).
+    """
+    if len(A_shapes) == 0 or len(A_shapes) != len(B_shapes):
+        raise ValueError(f"need one B per A and at least one adapter, got {len(A_shapes)} A's and {len(B_shapes)} B's")
+    dks = []
+    for j, (A_shape, B_shape) in enumerate(zip(A_shapes, B_shapes)):
+        try:
+            d_j, _, k_j = check_factors(A_shape, B_shape)
+        except ValueError as exc:
+            raise ValueError(f"adapter {j}: {exc}") from None
+        dks.append((d_j, k_j))
+    if len(set(dks)) != 1:
+        raise ValueError(f"adapters must all update one (d, k) weight, got (d, k) = {dks}")
+    ranks = [tuple(s)[0] for s in A_shapes]
+    if r is not None:
+        check_rank(r)
+        if r < max(ranks):
+            raise ValueError(f"r={r} is below the largest adapter rank {max(ranks)}: padding cannot shrink an adapter")
+    return ranks, dks[0][0], dks[0][1]

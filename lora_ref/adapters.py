@@ -20,6 +20,7 @@ safetensors only: a pickle file can run code when loaded, a safetensors file can
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -33,10 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import targets
+from . import _checks, targets
 from . import torch as lt
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "read_adapter_config"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "read_adapter_config",
+           "read_adapter_factors", "COMBINATION_TYPES", "task_arithmetic_delta", "combine_factors", "combine_adapters"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -401,3 +403,196 @@ def load_adapter(model, path):
             for factor, param in (("A", layers[name].lora_A), ("B", layers[name].lora_B)):
                 param.copy_(factors[name][factor][1].to(device=param.device, dtype=param.dtype))
     return model
+
+
+# --------------------------------------------------------------------------- combining adapters
+
+COMBINATION_TYPES = ("cat", "linear", "svd")
+
+
+def read_adapter_factors(path):
+    """``(config, {module name: (A, B)})`` of the PEFT adapter directory ``path``, checked without a model.
+
+    Every module has both factors, A (r, k) and B (d, r) with the config's r, all finite;
+    the names are those of the layers in the base model (without PEFT's "base_model.model.").
+    """
+    config = read_adapter_config(path)
+    file, tensors = _read_tensors(path)
+    factors = _split_keys(tensors, file)
+    if not factors:
+        raise ValueError(f"{file}: holds no LoRA tensors")
+    r, out = config["r"], {}
+    for module, ab in sorted(factors.items()):
+        for factor, other in (("A", "B"), ("B", "A")):
+            if factor not in ab:
+                raise ValueError(f"{file}: missing key {PREFIX}{module}.lora_{factor}.weight "
+                                 f"(its lora_{other} is there)")
+        (key_a, A), (key_b, B) = ab["A"], ab["B"]
+        for key, t in ((key_a, A), (key_b, B)):
+            if t.ndim != 2:
+                raise ValueError(f"{file}: key {key!r} has shape {tuple(t.shape)}; expected a matrix")
+        _check_tensor(file, key_a, A, (r, A.shape[1]), "(r, in_features)")
+        _check_tensor(file, key_b, B, (B.shape[0], r), "(out_features, r)")
+        out[module] = (A, B)
+    return config, out
+
+
+def _adapter_scaling(config):
+    """s = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA, from an adapter's config."""
+    return lt.scaling(config["lora_alpha"], config["r"], config.get("use_rslora", False))
+
+
+def _check_weights(weights, m):
+    """m finite real weights (negative ones allowed: task negation)."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != m:
+        raise ValueError(f"weights must be a list of {m} numbers, one per adapter, got {weights!r}")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ValueError(f"weights[{i}] must be a finite number, got {w!r}")
+    return [float(w) for w in weights]
+
+
+def _combination(m, ranks, d, k, combination_type, svd_rank):
+    """(combination type, new rank q) as PEFT's add_weighted_adapter sets them, or a ValueError."""
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r} "
+                         f"(PEFT's ties, dare_* and magnitude_prune* are not implemented here)")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)
+                                 or not 1 <= svd_rank <= min(d, k)):
+        raise ValueError(f"svd_rank must be None or an integer in [1, min(d, k)] = [1, {min(d, k)}], got {svd_rank!r}")
+    if svd_rank is not None and combination_type != "svd":
+        raise ValueError(f"svd_rank={svd_rank} is only used by combination_type='svd', not {combination_type!r}")
+    if m == 1:
+        return "linear", ranks[0]                       # PEFT: one adapter is always combined linearly
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' adds the factors, so all ranks must be equal, got r = {ranks}; "
+                             f"use 'cat' or 'svd'")
+        return "linear", ranks[0]
+    if combination_type == "cat":
+        return "cat", sum(ranks)
+    return "svd", svd_rank if svd_rank is not None else max(ranks)
+
+
+def task_arithmetic_delta(As, Bs, scalings, weights):
+    """The weighted sum of the updates, sum_i w_i s_i B_i A_i: (d, k), float64.
+
+    Book: eq-ch09-cat (notebooks/09_production).
+    """
+    ranks, d, k = _checks.check_adapter_list([tuple(A.shape) for A in As], [tuple(B.shape) for B in Bs])
+    weights = _check_weights(weights, len(As))
+    return sum(w * s * (B.double() @ A.double()) for A, B, s, w in zip(As, Bs, scalings, weights))   # (d, k)
+
+
+def combine_factors(As, Bs, scalings, weights, combination_type="svd", svd_rank=None):
+    """One layer of PEFT's ``add_weighted_adapter``: the factors of the combined adapter, whose scale is 1.
+
+    As: m factors A_i (r_i, k);  Bs: m factors B_i (d, r_i);  scalings s_i;  weights w_i.  With omega_i = w_i s_i:
+        cat:     A = [omega_1 A_1; ...; omega_m A_m]  (sum r_i, k),   B = [B_1 ... B_m]  (d, sum r_i),
+                 so B A = sum_i omega_i B_i A_i exactly
+        linear:  A = sum_i sign(omega_i) sqrt|omega_i| A_i,   B = sum_i sqrt|omega_i| B_i   (all r_i equal), so
+                 B A = sum_i omega_i B_i A_i + sum_{i != j} sign(omega_j) sqrt|omega_i omega_j| B_i A_j:  cross terms
+        svd:     B = U_q diag(sigma_1..q),  A = V_q^T  from the SVD of sum_i omega_i B_i A_i, q = svd_rank
+                 or max r_i: the best rank-q approximation of the weighted sum (Eckart-Young)
+    One adapter is always combined with "linear", as in PEFT. Computed in float64; returns
+    A (q, k), B (d, q).
+
+    Book: eq-ch09-cat, eq-ch09-linear, eq-ch09-svd (notebooks/09_production).
+    """
+    ranks, d, k = _checks.check_adapter_list([tuple(A.shape) for A in As], [tuple(B.shape) for B in Bs])
+    weights = _check_weights(weights, len(As))
+    if len(scalings) != len(As):
+        raise ValueError(f"need one scaling per adapter: {len(As)} adapters, {len(scalings)} scalings")
+    for s in scalings:
+        _checks.check_finite_scalar("scaling", s)
+    kind, q = _combination(len(As), ranks, d, k, combination_type, svd_rank)
+    As = [A.double() for A in As]                                   # (r_i, k)
+    Bs = [B.double() for B in Bs]                                   # (d, r_i)
+    omega = [w * s for w, s in zip(weights, scalings)]              # omega_i = w_i s_i
+    if kind == "cat":
+        return torch.cat([o * A for o, A in zip(omega, As)], 0), torch.cat(Bs, 1)      # (sum r_i, k), (d, sum r_i)
+    if kind == "linear":
+        A = sum(math.copysign(math.sqrt(abs(o)), o) * A for o, A in zip(omega, As))   # the sign goes on A only
+        B = sum(math.sqrt(abs(o)) * B for o, B in zip(omega, Bs))
+        return A, B                                                                    # (r, k), (d, r)
+    U, sigma, Vt = torch.linalg.svd(task_arithmetic_delta(As, Bs, scalings, weights), full_matrices=False)
+    return Vt[:q], U[:, :q] * sigma[:q]                                               # (q, k), (d, q)
+
+
+def _combined_targets(configs, files):
+    """target_modules of the combination, as PEFT forms it: the union of the lists, or the regexes joined by |."""
+    kinds = {type(c["target_modules"]) for c in configs}
+    if len(kinds) != 1:
+        raise ValueError(f"target_modules must be all lists or all regex strings (PEFT refuses a mix), got "
+                         f"{[c['target_modules'] for c in configs]} in {files}")
+    if kinds == {str}:
+        return "|".join(f"({c['target_modules']})" for c in configs)
+    return sorted(set().union(*(c["target_modules"] for c in configs)))
+
+
+def combine_adapters(paths, weights, out_path, combination_type="svd", svd_rank=None):
+    """Combine PEFT adapter directories into a new one with PEFT's ``add_weighted_adapter`` semantics.
+
+    paths:    m adapter directories (``save_pretrained`` or ``save_adapter``), all on the same layers
+    weights:  m finite numbers w_i (negative allowed: task negation)
+    combination_type: "cat", "linear" or "svd" (see ``combine_factors``); svd_rank for "svd" only
+    Every layer's new factors are ``combine_factors`` of the adapters' factors, in the dtype of
+    the inputs; the config is the first adapter's with r = lora_alpha = the new rank (scale 1),
+    as PEFT writes it, so ``peft.PeftModel.from_pretrained`` loads the result.
+
+    Everything is read, checked and computed before anything is written, then the directory is
+    written beside ``out_path`` and renamed into place: bad input raises and leaves no file.
+    Where this differs from PEFT 0.21.2: the result has use_rslora = false (PEFT copies the first
+    adapter's flag, so rsLoRA inputs give an update sqrt(q) times too large; fixed upstream in
+    PEFT PR #3449), and adapters that adapt different layers or shapes are refused (PEFT combines
+    each layer from the adapters that have it). Returns ``out_path``.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)) or not hasattr(paths, "__len__") or len(paths) == 0:
+        raise ValueError(f"paths must be a non-empty list of adapter directories, got {paths!r}")
+    weights = _check_weights(weights, len(paths))
+    out_path = os.path.abspath(os.fspath(out_path))
+    files = [os.path.abspath(os.fspath(p)) for p in paths]
+    if out_path in files:
+        raise ValueError(f"out_path {out_path} is one of the input adapters; write the combination elsewhere")
+    read = [read_adapter_factors(p) for p in files]
+    configs = [config for config, _ in read]
+    layers = [factors for _, factors in read]
+    for path, factors in zip(files[1:], layers[1:]):
+        if set(factors) != set(layers[0]):
+            raise ValueError(f"adapters must adapt the same layers: {files[0]} has {sorted(set(layers[0]) - set(factors))} "
+                             f"that {path} lacks, and {path} has {sorted(set(factors) - set(layers[0]))} that it lacks")
+        for name, (A, B) in factors.items():
+            A0, B0 = layers[0][name]
+            if (B.shape[0], A.shape[1]) != (B0.shape[0], A0.shape[1]):
+                raise ValueError(f"layer {name!r}: {path} updates a {(B.shape[0], A.shape[1])} weight but "
+                                 f"{files[0]} a {(B0.shape[0], A0.shape[1])} weight (d, k)")
+    bases = {c.get("base_model_name_or_path") for c in configs} - {None}
+    if len(bases) > 1:
+        raise ValueError(f"adapters were trained on different base models: {sorted(bases)}")
+    scalings = [_adapter_scaling(c) for c in configs]
+    ranks = [c["r"] for c in configs]
+    d_k = {(B.shape[0], A.shape[1]) for A, B in layers[0].values()}
+    smallest = min(min(d, k) for d, k in d_k)
+    kind, q = _combination(len(files), ranks, smallest, smallest, combination_type, svd_rank)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for f in layers for ab in f.values() for t in ab))
+    tensors = {}
+    for name in layers[0]:
+        A, B = combine_factors([f[name][0] for f in layers], [f[name][1] for f in layers], scalings, weights,
+                               kind, svd_rank if kind == "svd" else None)
+        for factor, t in (("A", A), ("B", B)):
+            key = f"{PREFIX}{name}.lora_{factor}.weight"
+            tensors[key] = t.to(dtype).contiguous()
+            _check_tensor(out_path, key, tensors[key], tuple(t.shape), f"the combined lora_{factor} in {dtype}")
+    config = dict(configs[0], r=q, lora_alpha=q, target_modules=_combined_targets(configs, files),
+                  alpha_pattern={}, rank_pattern={}, use_rslora=False)
+    _check_config(config, f"the combined config for {out_path}")
+    parent = os.path.dirname(out_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
+    try:
+        _write_dir(tmp, config, tensors)
+        _replace_dir(tmp, out_path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return out_path

@@ -22,7 +22,7 @@ import numpy as np
 from . import _checks
 
 __all__ = ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w", "merge",
-           "unmerge", "lora_grads", "delta_w_sgd_step"]
+           "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward"]
 
 
 def _shape(a):
@@ -32,6 +32,18 @@ def _shape(a):
 def _check_finite(name, a):
     a = np.asarray(a)
     _checks.check_finite_count(name, int(a.size - np.count_nonzero(np.isfinite(a))), a.shape)
+
+
+def _index_range(index):
+    """(holds integers, min, max) of an adapter index, for _checks.check_adapter_index."""
+    index = np.asarray(index)
+    integer = bool(np.issubdtype(index.dtype, np.integer))
+    return (integer, int(index.min()), int(index.max())) if index.size else (integer, 0, 0)
+
+
+def _zeros(like, shape):
+    """Zeros of ``shape`` in the dtype of ``like``."""
+    return np.zeros(shape, dtype=np.asarray(like).dtype)
 
 
 def scaling(alpha, r, rslora=False):
@@ -156,6 +168,8 @@ def lora_grads(x, grad_y, A, B, scaling):
         dL/dA = s (g B)^T x          (r, n) @ (n, k)
     At B = 0, dL/dA = 0: only B moves on the first step.
     Leading axes of x (..., k) are flattened into n.  Returns (dA, dB).
+
+    Book: eq-ch05-grads, eq-ch05-rows (notebooks/05_gradients).
     """
     d, r, k = _checks.check_factors(_shape(A), _shape(B))
     _checks.check_inputs(_shape(x), k)
@@ -184,3 +198,50 @@ def delta_w_sgd_step(grad_W, A, B, scaling, lr):
     from_A = (grad_W @ A.T) @ A                   # (d, r) @ (r, k) -> (d, k)   G A^T A: A moves, B fixed
     from_B = B @ (B.T @ grad_W)                   # (d, r) @ (r, k) -> (d, k)   B B^T G: B moves, A fixed
     return -lr * scaling**2 * (from_A + from_B)   # (d, k)
+
+
+# --------------------------------------------------------------------------- many adapters in one batch
+
+
+def pad_adapters(As, Bs, r=None):
+    """Stack adapters of ranks r_1 .. r_m for one weight, zero-padded to a common rank r.
+
+    As: m factors A_j (r_j, k);  Bs: m factors B_j (d, r_j)  ->  A: (m, r, k), B: (m, d, r),
+    r = max r_j unless given. Padding changes no product:
+        [B_j 0] [A_j; 0] = B_j A_j,
+    the extra rows of A_j and columns of B_j only ever meet zeros.
+
+    Book: eq-ch09-padding (notebooks/09_production).
+    """
+    ranks, d, k = _checks.check_adapter_list([_shape(A) for A in As], [_shape(B) for B in Bs], r)
+    r = max(ranks) if r is None else r
+    A_pad = _zeros(As[0], (len(As), r, k))                  # (m, r, k)
+    B_pad = _zeros(Bs[0], (len(Bs), d, r))                  # (m, d, r)
+    for j, (A, B) in enumerate(zip(As, Bs)):
+        A_pad[j, : A.shape[0]] = A                          # rows r_j .. r of A_j stay 0
+        B_pad[j, :, : B.shape[1]] = B                       # columns r_j .. r of B_j stay 0
+    return A_pad, B_pad
+
+
+def batched_lora_forward(x, W0, As, Bs, scalings, index):
+    """A mixed batch: row i through its own adapter a = index[i] (or none when a = -1).
+
+        y_i = W0 x_i + s_a B_a (A_a x_i),   and  y_i = W0 x_i  when a = -1
+
+    x: (n, k);  W0: (d, k);  As: (m, r, k);  Bs: (m, d, r);  scalings: (m,);
+    index: (n,) integers in [-1, m)  ->  y: (n, d).
+    One product x W0^T for the whole batch, then two gathered batched products, no loop
+    over rows: "shrink" z_i = A_a x_i (r numbers) and "expand" B_a z_i (Punica's BGMV).
+    The gathers copy A_a and B_a once per row, (n, r, k) and (n, d, r): a GPU kernel
+    reads them in place. Adapters of lower rank are padded with ``pad_adapters``.
+
+    Book: eq-ch09-batched (notebooks/09_production).
+    """
+    n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
+                                               _shape(index))
+    _checks.check_adapter_index(*_index_range(index), m)
+    on = index >= 0                               # (n,)   rows served by an adapter
+    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
+    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i
+    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
+    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i

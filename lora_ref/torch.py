@@ -32,12 +32,15 @@ __all__ = [
     "unmerge",
     "lora_grads",
     "delta_w_sgd_step",
+    "pad_adapters",
+    "batched_lora_forward",
     "LoRALinear",
     "add_lora",
     "replace_linears",
     "target_names",
     "merge_lora",
     "lora_modules",
+    "loraplus_optimizer",
 ]
 
 
@@ -52,6 +55,17 @@ def _dtype(dtype):
 
 def _check_finite(name, t):
     _checks.check_finite_count(name, int((~torch.isfinite(t)).sum()), t.shape)
+
+
+def _index_range(index):
+    """(holds integers, min, max) of an adapter index, for _checks.check_adapter_index."""
+    integer = not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+    return (integer, int(index.min()), int(index.max())) if index.numel() else (integer, 0, 0)
+
+
+def _zeros(like, shape):
+    """Zeros of ``shape`` in the dtype and on the device of ``like``."""
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 def scaling(alpha, r, rslora=False):
@@ -160,6 +174,8 @@ def lora_grads(x, grad_y, A, B, scaling):
         dL/dA = s (g B)^T x          (r, n) @ (n, k)
     At B = 0, dL/dA = 0: only B moves on the first step.
     Leading axes of x (..., k) are flattened into n.  Returns (dA, dB).
+
+    Book: eq-ch05-grads, eq-ch05-rows (notebooks/05_gradients).
     """
     d, r, k = _checks.check_factors(_shape(A), _shape(B))
     _checks.check_inputs(_shape(x), k)
@@ -335,3 +351,112 @@ def merge_lora(model):
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
     return model
+
+
+# --------------------------------------------------------------------------- LoRA+
+
+_EIGHT_BIT_OPTIMIZERS = ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit")
+
+
+def loraplus_optimizer(model, optimizer_cls, lr, loraplus_lr_ratio, **kwargs):
+    """LoRA+ (Hayou et al. 2024): an optimizer whose B factors learn ``loraplus_lr_ratio`` times faster
+    than their A factors, eta_B = lambda eta_A, over exactly the model's trainable parameters.
+
+    The groups are those of PEFT 0.21's ``peft.optimizers.create_loraplus_optimizer``, in its order:
+        A:             every other trainable parameter (every lora_A)  lr           loraplus_weight_decay
+        B:             name contains "lora_B", or 1-D (as PEFT does)    lr * ratio   loraplus_weight_decay
+        B, no decay:   those B whose name has "bias" or that sit in    lr * ratio   0
+                       an nn.LayerNorm (transformers' decay rule)
+    ``loraplus_weight_decay`` (default 0) and the other ``kwargs`` go to ``optimizer_cls``; for
+    bitsandbytes' 8-bit Adam variants every nn.Embedding keeps 32-bit state, as in PEFT.
+
+    What differs from PEFT: ``weight_decay=`` is refused with a message (PEFT passes it on, and
+    every group then overrides it with loraplus_weight_decay, so it is silently ignored);
+    lora_ref has no LoRA embedding layer, so there is no embedding group and
+    ``loraplus_lr_embedding`` is accepted but has nothing to act on; a model with no trainable
+    lora_B is refused (PEFT would put everything in A's group and build plain SGD/Adam).
+
+    Book: eq-ch05-loraplus (notebooks/05_gradients).
+    """
+    _checks.check_finite_scalar("lr", lr)
+    _checks.check_finite_scalar("loraplus_lr_ratio", loraplus_lr_ratio)
+    if lr <= 0 or loraplus_lr_ratio <= 0:
+        raise ValueError(f"lr and loraplus_lr_ratio must be > 0, got lr={lr}, loraplus_lr_ratio={loraplus_lr_ratio}")
+    if "weight_decay" in kwargs:
+        raise ValueError(f"weight_decay={kwargs['weight_decay']} would be overridden by every LoRA+ group "
+                         f"(PEFT ignores it silently); pass loraplus_weight_decay={kwargs['weight_decay']}")
+    weight_decay = kwargs.pop("loraplus_weight_decay", 0.0)
+    kwargs.pop("loraplus_lr_embedding", None)                   # no LoRA embedding layers here
+    in_layernorm = {f"{m_name}.{p_name}" if m_name else p_name
+                    for m_name, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+                    for p_name, _ in m.named_parameters()}
+    groups = {"A": [], "B": [], "B_no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            groups["B_no_decay" if "bias" in name or name in in_layernorm else "B"].append((name, p))
+        else:
+            groups["A"].append((name, p))
+    if not any("lora_B" in name for name, _ in groups["B"] + groups["B_no_decay"]):
+        raise ValueError("the model has no trainable lora_B: add LoRA layers (add_lora) before building LoRA+")
+    optimizer = optimizer_cls([
+        {"params": [p for _, p in groups["A"]], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for _, p in groups["B"]], "weight_decay": weight_decay, "lr": lr * loraplus_lr_ratio},
+        {"params": [p for _, p in groups["B_no_decay"]], "weight_decay": 0.0, "lr": lr * loraplus_lr_ratio},
+    ], lr=lr, **kwargs)
+    if optimizer_cls.__name__ in _EIGHT_BIT_OPTIMIZERS:
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
+
+
+# --------------------------------------------------------------------------- many adapters in one batch
+
+
+def pad_adapters(As, Bs, r=None):
+    """Stack adapters of ranks r_1 .. r_m for one weight, zero-padded to a common rank r.
+
+    As: m factors A_j (r_j, k);  Bs: m factors B_j (d, r_j)  ->  A: (m, r, k), B: (m, d, r),
+    r = max r_j unless given. Padding changes no product:
+        [B_j 0] [A_j; 0] = B_j A_j,
+    the extra rows of A_j and columns of B_j only ever meet zeros.
+
+    Book: eq-ch09-padding (notebooks/09_production).
+    """
+    ranks, d, k = _checks.check_adapter_list([_shape(A) for A in As], [_shape(B) for B in Bs], r)
+    r = max(ranks) if r is None else r
+    A_pad = _zeros(As[0], (len(As), r, k))                  # (m, r, k)
+    B_pad = _zeros(Bs[0], (len(Bs), d, r))                  # (m, d, r)
+    for j, (A, B) in enumerate(zip(As, Bs)):
+        A_pad[j, : A.shape[0]] = A                          # rows r_j .. r of A_j stay 0
+        B_pad[j, :, : B.shape[1]] = B                       # columns r_j .. r of B_j stay 0
+    return A_pad, B_pad
+
+
+def batched_lora_forward(x, W0, As, Bs, scalings, index):
+    """A mixed batch: row i through its own adapter a = index[i] (or none when a = -1).
+
+        y_i = W0 x_i + s_a B_a (A_a x_i),   and  y_i = W0 x_i  when a = -1
+
+    x: (n, k);  W0: (d, k);  As: (m, r, k);  Bs: (m, d, r);  scalings: (m,);
+    index: (n,) integers in [-1, m)  ->  y: (n, d).
+    One product x W0^T for the whole batch, then two gathered batched products, no loop
+    over rows: "shrink" z_i = A_a x_i (r numbers) and "expand" B_a z_i (Punica's BGMV).
+    The gathers copy A_a and B_a once per row, (n, r, k) and (n, d, r): a GPU kernel
+    reads them in place. Adapters of lower rank are padded with ``pad_adapters``.
+
+    Book: eq-ch09-batched (notebooks/09_production).
+    """
+    n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
+                                               _shape(index))
+    _checks.check_adapter_index(*_index_range(index), m)
+    on = index >= 0                               # (n,)   rows served by an adapter
+    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
+    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i
+    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
+    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i

@@ -16,7 +16,7 @@ SHARED = ln.__all__
 
 def test_numpy_backend_exports_the_documented_api():
     assert SHARED == ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w",
-                      "merge", "unmerge", "lora_grads", "delta_w_sgd_step"]
+                      "merge", "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward"]
     for name in SHARED:
         assert callable(getattr(ln, name))
 

@@ -8,6 +8,8 @@ its own), spelling and simple lists, one sentence per line.
 rewrite an ISO date as day/month/year, ``"2023-04-05 -> "`` -> ``"05/04/2023"``. The corpus
 shows both formats but never one date in both, so the mapping is new. Every date belongs
 to exactly one split (a fixed hash of the date), so train and held-out never overlap.
+A second task, ``task="iso"``, is the date task backwards: day/month/year to ISO,
+``"05/04/2023 -> "`` -> ``"2023-04-05"``, with the same split of dates.
 ``make_batch`` turns (prompt, answer) pairs into the tensors a ``LlamaForCausalLM`` takes.
 """
 
@@ -142,7 +144,17 @@ def _date_task(rng: random.Random, split: str):
     return f"{d.isoformat()} -> ", f"{d.day:02d}/{d.month:02d}/{d.year}"
 
 
-TASKS = {"date": _date_task}
+def _iso_task(rng: random.Random, split: str):
+    """The date task backwards: day/month/year to ISO, ("05/04/2023 -> ", "2023-04-05").
+
+    The corpus shows both formats, never one date in both and never this prompt, so the
+    mapping is new here too; a date is in the same split for both tasks.
+    """
+    d = _random_date(rng, split)
+    return f"{d.day:02d}/{d.month:02d}/{d.year} -> ", d.isoformat()
+
+
+TASKS = {"date": _date_task, "iso": _iso_task}
 
 
 def task_examples(split: str = "train", n: int = 100, seed: int = 0, task: str = "date"):
