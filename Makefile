@@ -22,7 +22,7 @@ export LORA_BOOK_QUIET := 1
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 
-.PHONY: all setup book serve execute text test unit nbval browser bench bench-quick clean
+.PHONY: all setup book serve execute text test unit nbval browser bench bench-quick assignments clean
 
 all: book
 	@echo
@@ -78,11 +78,21 @@ test: $(VENV)
 	$(MAKE) --no-print-directory book
 	$(PY) -m pytest -q tests/browser
 
+# Classroom assignments (otter-grader) from the chapters' exercises and assignments/*.yml: a student
+# notebook and an autograder zip per chapter under _build/assignments/<chapter>/ (book/instructors.md).
+# The chapters and the book are only read. tests/test_assignments.py (in `make test`) grades them.
+assignments: $(VENV)
+	$(PY) tools/build_assignments.py
+
 bench: $(VENV)
 	$(PY) benchmarks/bench_lora_linear.py
+	$(PY) benchmarks/bench_backward.py
+	$(PY) benchmarks/bench_multi_adapter.py
 
 bench-quick: $(VENV)
 	$(PY) benchmarks/bench_lora_linear.py --quick
+	$(PY) benchmarks/bench_backward.py --quick
+	$(PY) benchmarks/bench_multi_adapter.py --quick
 
 clean:
 	rm -rf .venv _build .pytest_cache .hypothesis

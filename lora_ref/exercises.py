@@ -37,6 +37,19 @@ __all__ = [
     "ch04_first_step_exponent",
     "ch08_bits_per_weight",
     "ch08_nf4_code",
+    "ch07_effective_rank",
+    "ch07_random_similarity",
+    "ch07_random_amplification",
+    "ch05_grad_A_by_hand",
+    "ch05_adam_first_step",
+    "ch05_backward_mac_ratio",
+    "ch05_loraplus_alpha",
+    "ch06_eckart_young_error",
+    "ch06_rank_for_energy",
+    "ch06_saddle_loss",
+    "ch09_linear_cross_term",
+    "ch09_adapters_that_fit",
+    "ch09_padding_overhead",
 ]
 
 
@@ -178,16 +191,20 @@ def ch02_crossover_tokens(answer, d=4096, k=11008):
     )
 
 
-def ch02_bf16_spacing(answer):
-    """The spacing of consecutive bf16 numbers in [1, 2), exact: 8 significant bits make it 2^-7."""
-    expected = math.ldexp(1.0, -7)                             # 1 + m 2^-7 for the 2^7 values m of 7 stored bits
+def ch02_bf16_spacing(answer, mantissa_bits=7):
+    """The spacing of consecutive floats in [1, 2) with p = mantissa_bits stored bits, exact: 2^-p
+    (bf16: p = 7, fp16: 10, fp32: 23)."""
+    if not (isinstance(mantissa_bits, (int, np.integer)) and 1 <= mantissa_bits <= 52):
+        raise ValueError(f"mantissa_bits must be an integer in 1..52, got {mantissa_bits!r}")
+    expected = math.ldexp(1.0, -int(mantissa_bits))            # 1 + m 2^-p for the 2^p values m of p stored bits
     hint = "numbers in [1, 2) are 1 + m * 2^-p for the 2^p values m of the p stored mantissa bits."
     try:
         if float(answer) == expected / 2:                      # half the spacing: the largest rounding error
             hint = "that is half the spacing, the largest error of one rounding in [1, 2); we ask for the spacing."
     except (TypeError, ValueError):
         pass
-    return check("the spacing of bf16 numbers in [1, 2) (exact)", answer, expected, rtol=0, hint=hint)
+    fmt = "bf16 numbers" if mantissa_bits == 7 else f"floats with {int(mantissa_bits)} stored mantissa bits"
+    return check(f"the spacing of {fmt} in [1, 2) (exact)", answer, expected, rtol=0, hint=hint)
 
 
 # --------------------------------------------------------------------------- chapter 04
@@ -299,4 +316,194 @@ def ch08_nf4_code(answer, w=0.3, absmax=1.2):
         f"NF4 code of w={w} with absmax {absmax} (an integer, 0-15)", answer, expected, rtol=0,
         hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "
         "of quant.nf4_codebook() (index 7 is the zero).",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 07
+
+
+def ch07_effective_rank(answer, sigma=(4.0, 2.0, 1.0, 1.0)):
+    """The effective rank (Roy & Vetterli) of a matrix with singular values ``sigma``, 4 significant figures."""
+    from . import spectral
+
+    expected = spectral.effective_rank_of_spectrum(np.asarray(sigma, dtype=np.float64))
+    return check(
+        f"effective rank of diag{tuple(float(x) for x in sigma)} (4 significant figures)", answer, expected,
+        sig_figs=4,
+        hint="normalise the singular values to p_i = sigma_i / sum_j sigma_j, then erank = exp(-sum p_i log p_i) "
+        "= prod p_i^(-p_i); with powers of 2 the product is a power of 2.",
+    )
+
+
+def ch07_random_similarity(answer, i=4, j=16, k=128):
+    """E[phi] between a fixed i-dimensional and a uniformly random j-dimensional subspace of R^k, exact."""
+    from . import adapter_geometry
+
+    expected = adapter_geometry.random_subspace_similarity(i, j, k)
+    hint = ("E[V V^T] = (j/k) I for a random j-dimensional V with orthonormal columns; "
+            "then E||U^T V||_F^2 = tr(U^T E[V V^T] U), and phi divides by min(i, j).")
+    try:
+        if math.isclose(float(answer), i * j / k) or math.isclose(float(answer), min(i, j) / k):
+            hint = "close: that is E||U^T V||_F^2 or min(i, j)/k; phi divides i j / k by min(i, j)."
+    except (TypeError, ValueError):
+        pass
+    return check(f"E[phi] for random subspaces, i={i}, j={j}, k={k} (exact)", answer, expected, rtol=1e-12,
+                 hint=hint)
+
+
+def ch07_random_amplification(answer, delta_w_fro=3.57, w0_fro=61.95, d=12288, k=12288, r=64):
+    """The amplification factor a rank-r update of norm ||Delta W||_F would have if its top-r directions
+    were random (the root-mean-square denominator), 3 significant figures."""
+    from . import adapter_geometry
+
+    expected = delta_w_fro / adapter_geometry.random_projected_norm(w0_fro, d, k, r)
+    return check(
+        f"amplification factor of a rank-{r} update of norm {delta_w_fro} in random directions of a "
+        f"({d}, {k}) W0 of norm {w0_fro} (3 significant figures)", answer, expected, sig_figs=3,
+        hint="for random orthonormal U (d, r) and V (k, r), E[U U^T] = (r/d) I and E[V V^T] = (r/k) I, so "
+        "E||U^T W0 V||_F^2 = (r/d)(r/k)||W0||_F^2; divide ||Delta W||_F by its square root.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 05
+
+
+def ch05_grad_A_by_hand(answer, grad_y=(1.0, 1.0)):
+    """dL/dA (r = 1: one row of k = 3 numbers) for chapter 02's worked example and an upstream gradient ybar."""
+    e = WORKED_EXAMPLE
+    ybar = np.asarray(grad_y, dtype=np.float64)
+    dA, _ = ln.lora_grads(e["x"][None, :], ybar[None, :], e["A"], e["B"], ln.scaling(e["alpha"], e["r"]))
+    return check(
+        f"dL/dA for ybar = {ybar.tolist()} (exact, three numbers)", answer, dA.reshape(-1), rtol=0, atol=0,
+        hint="dL/dA = s B^T ybar x^T: B^T ybar is one number here; multiply x by s and by it.",
+    )
+
+
+def ch05_adam_first_step(answer, beta1=0.9, beta2=0.999):
+    """|A's first Adam step| / lr, at step 2 from B = 0 (its gradient was exactly 0 at step 1), eps -> 0."""
+    from . import gradient_dynamics
+
+    expected = gradient_dynamics.adam_first_step(beta1, beta2, t=2)
+    return check(
+        f"A's first Adam step / lr, betas ({beta1}, {beta2}) (4 significant figures)", answer, expected, sig_figs=4,
+        hint="write m_2 and v_2 with g_1 = 0, divide by the bias corrections 1 - beta^2, and take m_hat / sqrt(v_hat); "
+        "the size of g cancels.",
+    )
+
+
+def ch05_backward_mac_ratio(answer, d=4096, k=4096, r=16):
+    """MACs of one training step (forward + backward, dL/dx included) of a LoRA layer over a fully trained one."""
+    from . import gradient_dynamics
+
+    expected = gradient_dynamics.training_macs(1, d, k, r)["total"] / gradient_dynamics.training_macs(1, d, k)["total"]
+    return check(
+        f"training MACs of LoRA / full, d={d}, k={k}, r={r} (4 significant figures)", answer, expected, sig_figs=4,
+        hint="full: forward, dL/dx and dL/dW, each T d k. LoRA: no dL/dW, but the bypass adds T r (d + k) "
+        "forward and 2 T r (d + k) backward. T cancels.",
+    )
+
+
+def ch05_loraplus_alpha(answer, alpha=16.0, ratio=16.0, r=8):
+    """The alpha of a plain LoRA run (Adam, PEFT's init B = 0, eps neglected) equal to LoRA+ at (alpha, ratio)."""
+    from . import rank_scaling
+
+    # (s, A0, 0, lr, ratio lr) -> rescale B by b = 1 / ratio: (ratio s, A0, 0, lr, lr), and alpha = s r
+    expected = rank_scaling.equivalent_settings(alpha / r, 1.0, ratio, 1.0, 1.0 / ratio, "adam")["scaling"] * r
+    return check(
+        f"alpha of the plain run equal to LoRA+ with ratio {ratio:g} at alpha = {alpha:g}, r = {r} (exact)", answer,
+        expected, rtol=1e-12,
+        hint="rescale B by b = 1 / ratio: B0 = 0 stays 0, Adam's step on B scales by b, and Delta W = s B A "
+        "needs s / b.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 06
+
+
+def ch06_eckart_young_error(answer, sigma=(5.0, 3.0, 2.0, 1.0), r=2):
+    """min over rank-r X of ||W - X||_F for W = diag(sigma), 4 significant figures."""
+    from . import spectral
+
+    expected = spectral.eckart_young_error(np.diag(np.asarray(sigma, dtype=np.float64)), r, "fro")
+    return check(
+        f"Frobenius error of the best rank-{r} approximation of diag{tuple(float(x) for x in sigma)} "
+        "(4 significant figures)", answer, expected, sig_figs=4,
+        hint="keep the r largest singular values; the error is the root of the sum of the squares of the others "
+        "(not their sum, and not the largest of them: that is the spectral norm).",
+    )
+
+
+def ch06_rank_for_energy(answer, rho=0.9, n=128, tau=0.9):
+    """The smallest r whose truncation keeps a share tau of ||W||_F^2 when sigma_i = rho^(i-1), i = 1..n (exact)."""
+    from . import low_rank
+
+    expected = low_rank.rank_for_energy(rho ** np.arange(n, dtype=np.float64), tau)
+    return check(
+        f"smallest r keeping {tau:g} of the energy, sigma_i = {rho:g}^(i-1), n = {n} (an exact integer)", answer,
+        expected, rtol=0,
+        hint="the energy kept at rank r is a ratio of two geometric sums in rho^2: (1 - rho^(2r)) / (1 - rho^(2n)); "
+        "solve for the smallest integer r that reaches tau.",
+    )
+
+
+def ch06_saddle_loss(answer, sigma=(4.0, 3.0, 2.0, 1.0), kept=(1, 3)):
+    """The loss 1/2 ||B A - W*||_F^2 at the critical point whose B A keeps the singular directions ``kept``."""
+    from . import low_rank
+
+    expected = low_rank.critical_loss(np.asarray(sigma, dtype=np.float64), kept)
+    return check(
+        f"loss at the critical point keeping directions {tuple(kept)} of diag{tuple(float(x) for x in sigma)} "
+        "(exact)", answer, expected, rtol=1e-12,
+        hint="at a critical point B A = sum over the kept i of sigma_i u_i v_i^T; the residual holds the other "
+        "directions, and the loss is half the sum of their squared singular values.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 09
+
+
+def ch09_linear_cross_term(answer, w=(0.3, -0.6), s=(2.0, 0.5)):
+    """The coefficient of B_1 A_2 in the update that PEFT's "linear" combination of two adapters gives."""
+    import torch
+
+    from .adapters import combine_factors
+
+    # unit factors, so that B_i A_j is the matrix unit E_ij: entry (0, 1) of the combined B A is the coefficient
+    As = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]        # (1, 2)
+    Bs = [torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])]    # (2, 1)
+    A, B = combine_factors(As, Bs, list(s), list(w), "linear")
+    expected = float((B @ A)[0, 1])
+    return check(
+        f"coefficient of B_1 A_2 in Delta W of 'linear', w = {tuple(w)}, s = {tuple(s)} (4 significant figures)",
+        answer, expected, sig_figs=4,
+        hint="write the combined B and A as sums of sqrt|w_i s_i| B_i and sign(w_i s_i) sqrt|w_i s_i| A_i, multiply "
+        "them out and read off the term B_1 A_2; the sign goes on A only.",
+    )
+
+
+def ch09_adapters_that_fit(answer, model="llama-3.1-8b", r=16, memory_gb=80, reserved_gb=20):
+    """Adapters of rank r on all linear layers, in bf16, that fit beside the bf16 base in memory_gb (1e9 bytes)
+    with reserved_gb kept for the KV cache and activations."""
+    from . import serving
+
+    expected = serving.adapters_that_fit(budget.load_config(model), r, "all-linear", memory_gb * 1e9,
+                                         reserved_bytes=reserved_gb * 1e9)
+    return check(
+        f"rank-{r} adapters of {model} that fit in {memory_gb} GB with {reserved_gb} GB reserved (an exact integer)",
+        answer, expected, rtol=0,
+        hint="subtract 2 bytes per base parameter and the reserve from the memory, then divide by 2 bytes per "
+        "adapter parameter (lora_param_count) and round down.",
+    )
+
+
+def ch09_padding_overhead(answer, ranks=(4, 8, 64), rows=(1, 1, 1)):
+    """The share of a padded mixed batch's bypass multiply-adds that multiply zeros."""
+    from . import serving
+
+    expected = serving.padding_overhead(list(ranks), list(rows))
+    return check(
+        f"share of the bypass MACs on zeros, ranks {tuple(ranks)}, rows {tuple(rows)} (4 significant figures)",
+        answer, expected, sig_figs=4,
+        hint="every row pays for the largest rank; the useful work of a row is its own rank. Divide the useful "
+        "total by the paid total and subtract from 1.",
     )

@@ -20,6 +20,10 @@ __all__ = [
     "codebook_figure", "blocksize_figure", "loss_curves_figure",
     "code_frequency_figure", "merge_regimes_figure", "rank_sweep_figure",
     "ba_entry_law_figure",
+    "subspace_similarity_figure", "effective_rank_figure", "intruders_forgetting_figure",
+    "gradient_norms_figure", "step_projection_figure", "loraplus_figure",
+    "eckart_young_gd_figure", "update_spectra_figure", "truncation_vs_lora_figure",
+    "task_arithmetic_figure", "swap_drift_figure", "multi_adapter_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -434,3 +438,460 @@ def rank_sweep_figure(ranks, runs, active_r=64):
     )
     fig.update_layout(margin=dict(t=110))
     return fig
+
+
+# --------------------------------------------------------------------------- chapter 07
+
+
+def subspace_similarity_figure(frames, left_title, right_title, active=0):
+    """Two heatmaps of the LoRA paper's phi(A1, A2, i, j) side by side; the slider picks the layer
+    and module. frames: [(label, left (I, J) grid, right (I', J') grid, title)], grids in [0, 1]
+    (lora_ref.adapter_geometry.similarity_grid); left_title, right_title: what each panel compares."""
+    import numpy as np
+
+    steps = []
+    for label, left, right, title in frames:
+        traces = []
+        for n, (grid, xa, ya) in enumerate(((left, "x", "y"), (right, "x2", "y2"))):
+            z = np.rint(100 * np.asarray(grid, dtype=float)).astype(np.uint8)     # hundredths: a small page
+            traces.append(go.Heatmap(
+                z=z, x=list(range(1, z.shape[1] + 1)), y=list(range(1, z.shape[0] + 1)),
+                zmin=0, zmax=100, colorscale="Viridis", xaxis=xa, yaxis=ya, showscale=n == 0,
+                colorbar=dict(title="φ", len=0.8, tickvals=[0, 25, 50, 75, 100],
+                              ticktext=["0", "0.25", "0.5", "0.75", "1"]),
+                name=(left_title, right_title)[n],
+                hovertemplate="i = %{y}, j = %{x}: φ = %{z}/100<extra></extra>"))
+        steps.append((label, traces, title))
+    fig = stepped_figure(
+        steps, "layer, module", active=active, height=470,
+        xaxis=dict(title=f"j (top directions of the 2nd A)<br>{left_title}", domain=[0, 0.4]),
+        yaxis=dict(title="i (top directions of the 1st A)", autorange="reversed"),
+        xaxis2=dict(title=f"j (top directions of the 2nd A)<br>{right_title}", domain=[0.5, 0.9], anchor="y2"),
+        yaxis2=dict(autorange="reversed", anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=110, b=90))
+    return fig
+
+
+def effective_rank_figure(eranks, random_erank):
+    """The effective rank of every layer's ΔW, one box per fine-tune (all layers and seeds), against
+    the rank r (dashes) and a random rank-r product B A of the same shapes (diamonds).
+
+    eranks: {label ("r = 4", ..., "full"): [erank of each layer and seed]};
+    random_erank: {label: erank of a random rank-r product} (LoRA labels only)."""
+    labels = list(eranks)
+    ranks = {lab: int(lab.split("=")[1]) for lab in labels if lab.startswith("r =")}
+    fig = go.Figure()
+    fig.add_trace(go.Box(x=[lab for lab in labels for _ in eranks[lab]], y=[v for lab in labels for v in eranks[lab]],
+                         name="trained ΔW, each layer and seed", boxpoints="all", jitter=0.5, pointpos=0,
+                         marker=dict(color=COLORS["blue"], size=4), line=dict(color=COLORS["blue"]),
+                         hovertemplate="%{x}: erank %{y:.2f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(ranks), y=list(ranks.values()), mode="markers", name="the rank r",
+                             marker=dict(symbol="line-ew-open", size=40, color=COLORS["black"], line=dict(width=2)),
+                             hovertemplate="%{x}: r = %{y}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(random_erank), y=list(random_erank.values()), mode="markers",
+                             name="random B A of rank r", marker=dict(symbol="diamond", size=10, color=COLORS["orange"]),
+                             hovertemplate="%{x}: random erank %{y:.2f}<extra></extra>"))
+    values = [v for lab in labels for v in eranks[lab]] + list(ranks.values())
+    import statistics
+
+    median = {lab: statistics.median(v) for lab, v in eranks.items()}
+    big = max(ranks, key=ranks.get)
+    fig.update_layout(
+        title_text=(f"Trained adapters use fewer directions than r: median erank {median[big]:.1f} at {big}"
+                    + (f", {median['full']:.1f} for full fine-tuning" if "full" in median else "")),
+        xaxis_title="fine-tune", yaxis=log_axis("effective rank of ΔW (log scale)", values),
+    )
+    return themed(fig, height=440)
+
+
+def intruders_forgetting_figure(points, base_text_loss):
+    """Forgetting against intruder dimensions, one marker per fine-tune.
+
+    points: [(group label, seed, intruders summed over the layers, loss per byte on held-out
+    pretraining text after the fine-tune)]; base_text_loss: the same loss before it."""
+    groups = list(dict.fromkeys(p[0] for p in points))
+    fig = go.Figure()
+    for n, g in enumerate(groups):
+        pts = [p for p in points if p[0] == g]
+        fig.add_trace(go.Scatter(
+            x=[p[2] for p in pts], y=[p[3] for p in pts], mode="markers", name=g, customdata=[p[1] for p in pts],
+            marker=dict(size=11, color=PALETTE[n % len(PALETTE)], symbol="square" if g == "full" else "circle"),
+            hovertemplate=g + ", seed %{customdata}: %{x} intruders, %{y:.3f} nats/byte<extra></extra>"))
+    fig.add_hline(y=base_text_loss, line=dict(color=COLORS["black"], dash="dot"),
+                  annotation_text=f"pretrained model: {base_text_loss:.3f}", annotation_position="bottom right")
+    least = min(points, key=lambda p: p[3])
+    lora = [p[2] for p in points if p is not least]
+    fig.update_layout(
+        title_text=(f"The fine-tune that forgets least ({least[0]}, {least[3]:.2f} nats/byte) has {least[2]} "
+                    f"intruders;<br>the others have {min(lora)} to {max(lora)}, and every run forgets"),
+        xaxis_title="intruder dimensions, summed over the 28 adapted matrices (count)",
+        yaxis_title="loss on held-out pretraining text (nats per byte)",
+    )
+    return themed(fig, height=440)
+
+
+# --------------------------------------------------------------------------- chapter 05
+
+
+def _layer_label(name):
+    """'model.layers.2.self_attn.q_proj' -> '2.q', 'model.layers.0.mlp.gate_proj' -> '0.gate'."""
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), "")
+    return f"{layer}.{parts[-1].replace('_proj', '')}" if layer else parts[-1]
+
+
+def gradient_norms_figure(rec, steps_shown):
+    """The first steps from B = 0: per layer, ||dL/dA||_F and ||dL/dB||_F at a step (left, log scale),
+    and over all steps the ratio of the total norms with ||A - A0||_F / ||B||_F (right); the slider
+    picks the step. rec: the output of lora_ref.gradient_dynamics.train_recorded."""
+    import numpy as np
+
+    labels = [_layer_label(n) for n in rec["layers"]]
+    gA, gB = np.asarray(rec["grad_A"]), np.asarray(rec["grad_B"])            # (steps, layers)
+    total = lambda a: np.sqrt((np.asarray(a) ** 2).sum(axis=1))              # noqa: E731
+    ratio = total(gA) / total(gB)
+    norm_B = total(rec["norm_B"])
+    moved = np.divide(total(rec["moved_A"]), norm_B, out=np.full(norm_B.shape, np.nan), where=norm_B > 0)
+    t_all = list(range(len(ratio)))
+    positive = [v for v in np.concatenate([gA.ravel(), gB.ravel()]) if v > 0]
+    floor = 0.5 * min(positive)
+    steps = []
+    for t in steps_shown:
+        traces = [
+            go.Bar(x=labels, y=np.maximum(gB[t], floor), name="‖∂L/∂B‖_F", marker_color=COLORS["blue"],
+                   xaxis="x", yaxis="y", hovertemplate="%{x}: %{y:.3g}<extra>‖∂L/∂B‖</extra>"),
+            go.Bar(x=labels, y=np.maximum(gA[t], floor), name="‖∂L/∂A‖_F", marker_color=COLORS["orange"],
+                   xaxis="x", yaxis="y", hovertemplate="%{x}: %{y:.3g}<extra>‖∂L/∂A‖</extra>"),
+            go.Scatter(x=t_all, y=ratio, mode="lines", name="‖∂L/∂A‖ / ‖∂L/∂B‖ (all layers)",
+                       line=dict(color=COLORS["orange"]), xaxis="x2", yaxis="y2",
+                       hovertemplate="step %{x}: %{y:.3f}<extra>gradient ratio</extra>"),
+            go.Scatter(x=t_all, y=moved, mode="lines", name="‖A − A₀‖ / ‖B‖ (all layers)",
+                       line=dict(color=COLORS["green"], dash="dot"), xaxis="x2", yaxis="y2",
+                       hovertemplate="step %{x}: %{y:.3f}<extra>A moved / B</extra>"),
+            go.Scatter(x=[t], y=[ratio[t]], mode="markers", showlegend=False, marker=dict(size=11, color=COLORS["red"]),
+                       xaxis="x2", yaxis="y2", hoverinfo="skip"),
+        ]
+        title = (f"Step {t}: ‖∂L/∂A‖ is {100 * ratio[t]:.0f}% of ‖∂L/∂B‖ over all layers, "
+                 f"with ‖B‖_F = {norm_B[t]:.2g}")
+        steps.append((t, traces, title))
+    fig = stepped_figure(
+        steps, "step", active=0, barmode="group",
+        xaxis=dict(title="LoRA layer (decoder layer . projection)", domain=[0, 0.58], tickangle=-60),
+        yaxis=dict(log_axis("gradient norm (Frobenius, log scale)", positive), dtick=1),
+        xaxis2=dict(title="optimizer step", domain=[0.68, 1], anchor="y2"),
+        yaxis2=dict(title="ratio (dimensionless)", anchor="x2", range=[0, 1.05 * float(np.nanmax(np.r_[ratio, moved]))]),
+    )
+    fig.update_layout(margin=dict(t=110, b=90))
+    return fig
+
+
+def step_projection_figure(ranks, per_rank, widths, active_r=8):
+    """LoRA's first SGD step from B = 0 against full fine-tuning's, per layer; the slider picks r.
+
+    per_rank: {r: {"cosine": [...], "fraction": [...], "best": [...], "layers": [names]}}, one value per
+    layer (lora_ref.gradient_dynamics.step_cosine, expressible_fraction, best_rank_fraction);
+    widths: the input width k of each layer, for the random-subspace expectation sqrt(r / k).
+    """
+    steps = []
+    for r in ranks:
+        row = per_rank[r]
+        labels = [_layer_label(n) for n in row["layers"]]
+        expected = [math.sqrt(r / k) for k in widths]
+        traces = [
+            go.Bar(x=labels, y=row["best"], name="best rank-r step (Eckart–Young)", marker_color=COLORS["sky"],
+                   hovertemplate="%{x}: %{y:.3f}<extra>best rank r</extra>"),
+            go.Bar(x=labels, y=row["fraction"], name="‖G P_A‖ / ‖G‖ (random A)", marker_color=COLORS["blue"],
+                   hovertemplate="%{x}: %{y:.3f}<extra>fraction</extra>"),
+            go.Bar(x=labels, y=row["cosine"], name="cos(LoRA step, −G)", marker_color=COLORS["orange"],
+                   hovertemplate="%{x}: %{y:.3f}<extra>cosine</extra>"),
+            go.Scatter(x=labels, y=expected, mode="markers", name="√(r/k)", marker=dict(symbol="line-ew-open", size=14,
+                       color=COLORS["red"], line=dict(width=2)), hovertemplate="%{x}: %{y:.3f}<extra>√(r/k)</extra>"),
+        ]
+        mean = lambda v: sum(v) / len(v)                                      # noqa: E731
+        title = (f"r = {r}: LoRA's first step reaches cosine {mean(row['cosine']):.2f} with full fine-tuning's "
+                 f"(mean over layers);<br>a random A keeps {100 * mean(row['fraction']):.0f}% of ‖G‖, "
+                 f"the best rank-{r} subspace {100 * mean(row['best']):.0f}%")
+        steps.append((r, traces, title))
+    fig = stepped_figure(steps, "r", active=list(ranks).index(active_r), barmode="group",
+                         xaxis=dict(title="LoRA layer (decoder layer . projection)", tickangle=-60),
+                         yaxis=dict(title="cosine or fraction of ‖G‖_F (dimensionless)", range=[0, 1.02]))
+    fig.update_layout(margin=dict(t=110, b=90))
+    return fig
+
+
+def loraplus_figure(ratios, test_loss, curves, active=1):
+    """The LoRA+ sweep: held-out loss after training against lambda = eta_B / eta_A, every seed and their
+    mean (left), and the seed-mean training loss of the chosen lambda against lambda = 1 (right); the
+    slider picks lambda. test_loss: {lambda: [one per seed]}; curves: {lambda: [mean loss per step]}."""
+    import numpy as np
+
+    ratios = list(ratios)
+    means = [float(np.mean(test_loss[lam])) for lam in ratios]
+    seeds_x = [lam for lam in ratios for _ in test_loss[lam]]
+    seeds_y = [v for lam in ratios for v in test_loss[lam]]
+    all_curves = [v for lam in ratios for v in curves[lam]]
+    steps = []
+    for i, lam in enumerate(ratios):
+        traces = [
+            go.Scatter(x=seeds_x, y=seeds_y, mode="markers", name="one seed", marker=dict(color=COLORS["sky"], size=7),
+                       xaxis="x", yaxis="y", hovertemplate="λ = %{x}: %{y:.4f}<extra>seed</extra>"),
+            go.Scatter(x=ratios, y=means, mode="lines+markers", name="mean of the seeds",
+                       line=dict(color=COLORS["blue"]), xaxis="x", yaxis="y",
+                       hovertemplate="λ = %{x}: %{y:.4f}<extra>mean</extra>"),
+            go.Scatter(x=[lam], y=[means[i]], mode="markers", showlegend=False, marker=dict(size=13, color=COLORS["red"]),
+                       xaxis="x", yaxis="y", hoverinfo="skip"),
+            go.Scatter(x=list(range(len(curves[ratios[0]]))), y=curves[ratios[0]], mode="lines", name="training loss, λ = 1",
+                       line=dict(color=COLORS["black"], dash="dot"), xaxis="x2", yaxis="y2",
+                       hovertemplate="step %{x}: %{y:.3f}<extra>λ = 1</extra>"),
+            go.Scatter(x=list(range(len(curves[lam]))), y=curves[lam], mode="lines", name="training loss, chosen λ",
+                       line=dict(color=COLORS["orange"]), xaxis="x2", yaxis="y2",
+                       hovertemplate="step %{x}: %{y:.3f}<extra>" + f"λ = {lam:g}</extra>"),
+        ]
+        title = (f"λ = {lam:g}: held-out loss {means[i]:.3f} nats per byte against {means[0]:.3f} at λ = 1 "
+                 f"(mean of {len(test_loss[lam])} seeds)")
+        steps.append((lam, traces, title))
+    fig = stepped_figure(
+        steps, "λ", active=active,
+        xaxis=dict(log_axis("λ = η_B / η_A (log scale)", ratios), domain=[0, 0.45], dtick=math.log10(2) * 2),
+        yaxis=dict(title="held-out loss (nats per answer byte)"),
+        xaxis2=dict(title="optimizer step", domain=[0.57, 1], anchor="y2"),
+        yaxis2=dict(log_axis("training loss (nats per answer byte, log)", all_curves), anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=100))
+    return fig
+
+
+# --------------------------------------------------------------------------- chapter 06
+
+
+def _g4(values):
+    """Values rounded to 4 significant figures: what a figure shows, at a third of the bytes."""
+    import numpy as np
+
+    return [float(f"{v:.4g}") for v in np.asarray(values, dtype=float)]
+
+
+def eckart_young_gd_figure(ranks, errors, bounds, active_r=None, stride=10):
+    """Gradient descent on s B A from B = 0 against the Eckart-Young bound; the slider picks r.
+
+    errors: {r: [||s B A - W*||_F before each step]} (``low_rank.fit_low_rank``); bounds: {r: the
+    Eckart-Young error}. Left: the error and the bound; right: the excess, error - bound, on a log
+    scale (floored at 1e-16, the rounding of float64). Every ``stride``-th step is drawn.
+    """
+    import numpy as np
+
+    ranks = list(ranks)
+    steps = []
+    for r in ranks:
+        e = np.asarray(errors[r], dtype=float)
+        t = np.unique(np.r_[np.arange(0, e.size, stride), e.size - 1])
+        excess = np.maximum(e[t] - bounds[r], 1e-16)
+        traces = [
+            go.Scatter(x=t, y=_g4(e[t]), mode="lines", name="‖sBA − W*‖_F, gradient descent", xaxis="x", yaxis="y",
+                       line=dict(color=COLORS["blue"]), hovertemplate="step %{x}: %{y:.4g}<extra></extra>"),
+            go.Scatter(x=[0, int(t[-1])], y=[bounds[r]] * 2, mode="lines", name="Eckart–Young bound", xaxis="x",
+                       yaxis="y", line=dict(color=COLORS["red"], dash="dash"),
+                       hovertemplate="bound %{y:.4g}<extra></extra>"),
+            go.Scatter(x=t, y=_g4(excess), mode="lines", name="excess over the bound", xaxis="x2", yaxis="y2",
+                       line=dict(color=COLORS["green"]), hovertemplate="step %{x}: %{y:.2e}<extra></extra>"),
+        ]
+        title = (f"r = {r}: from B = 0, gradient descent falls to the Eckart–Young bound {bounds[r]:.3f}"
+                 f"<br>({e[-1] - bounds[r]:.1e} above it after {e.size - 1} steps)")
+        steps.append((r, traces, title))
+    top = max(max(errors[r]) for r in ranks)
+    fig = stepped_figure(
+        steps, "r", active=ranks.index(active_r) if active_r is not None else 0,
+        xaxis=dict(title="gradient-descent step", domain=[0, 0.46]),
+        yaxis=dict(title="‖sBA − W*‖_F (same units as W*)", range=[0, 1.05 * top]),
+        xaxis2=dict(title="gradient-descent step", domain=[0.58, 1], anchor="y2"),
+        yaxis2=dict(title="error − bound (log scale)", type="log", range=[-16, math.log10(top) + 0.2],
+                    dtick=2, exponentformat="power", anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=110))
+    return fig
+
+
+def _module_type(name):
+    return name.rsplit(".", 1)[-1]
+
+
+def update_spectra_figure(spectra, ranks, active_r=8):
+    """The spectra of a fine-tune's ΔW and the energy rank r keeps, by module type; the slider picks r.
+
+    spectra: {layer name: singular values of its ΔW}. Left: sigma_i / sigma_1 against i, the mean over
+    the layers of one module type (q_proj, ...); right: the energy E_r of each type (mean over its
+    layers), with the value at the slider's r marked. The title gives the range over all layers.
+    """
+    import numpy as np
+
+    from . import low_rank
+
+    types = list(dict.fromkeys(_module_type(n) for n in spectra))
+    color = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(types)}
+    norm = {t: np.mean([np.asarray(s) / s[0] for n, s in spectra.items() if _module_type(n) == t], axis=0) for t in types}
+    energy = {n: low_rank.energy_curve(s) for n, s in spectra.items()}
+    mean_e = {t: np.mean([e for n, e in energy.items() if _module_type(n) == t], axis=0) for t in types}
+    steps = []
+    for r in ranks:
+        traces = []
+        for t in types:
+            i = np.arange(1, norm[t].size + 1)
+            traces.append(go.Scatter(x=i, y=_g4(norm[t]), mode="lines", name=t, legendgroup=t, xaxis="x", yaxis="y",
+                                     line=dict(color=color[t]), hovertemplate="i = %{x}: %{y:.3g}<extra>" + t + "</extra>"))
+        for t in types:
+            i = np.arange(1, mean_e[t].size + 1)
+            traces.append(go.Scatter(x=i, y=_g4(mean_e[t]), mode="lines", name=t, legendgroup=t, showlegend=False,
+                                     xaxis="x2", yaxis="y2", line=dict(color=color[t]),
+                                     hovertemplate="r = %{x}: %{y:.3f}<extra>" + t + "</extra>"))
+        at = [float(mean_e[t][min(r, mean_e[t].size) - 1]) for t in types]
+        traces.append(go.Scatter(x=[r] * len(types), y=at, mode="markers", showlegend=False, xaxis="x2", yaxis="y2",
+                                 marker=dict(size=10, color=[color[t] for t in types], line=dict(color="black", width=1)),
+                                 customdata=types, hovertemplate="%{customdata}: ℰ_r = %{y:.3f}<extra></extra>"))
+        kept = [float(e[min(r, e.size) - 1]) for e in energy.values()]
+        steps.append((r, traces, f"At r = {r}, truncating ΔW keeps {100 * min(kept):.0f}–{100 * max(kept):.0f}% "
+                                 f"of ‖ΔW‖²_F across the {len(kept)} layers"))
+    n_max = max(len(s) for s in spectra.values())
+    fig = stepped_figure(
+        steps, "r", active=list(ranks).index(active_r),
+        xaxis=dict(title="index i of the singular value", domain=[0, 0.46]),
+        yaxis=dict(title="σᵢ / σ₁ (mean over layers, log scale)", type="log", exponentformat="power"),
+        xaxis2=dict(title="rank r (log scale)", type="log", domain=[0.58, 1], anchor="y2", range=[0, math.log10(n_max)]),
+        yaxis2=dict(title="energy kept ℰᵣ = Σᵢ≤ᵣ σᵢ² / Σ σᵢ² (fraction)", range=[0, 1.02], anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=110))
+    return fig
+
+
+def truncation_vs_lora_figure(ranks, curves, references, active_r=8):
+    """Held-out loss per answer byte (left, log scale) and exact match (right) against r; the slider marks r.
+
+    curves: {label: {r: [score dicts, one per seed]}} (``tiny.evaluate``'s keys), drawn as the seed
+    mean with bars from the lowest to the highest seed; a curve may lack some r.
+    references: {label: [score dicts]}, drawn as horizontal lines at the seed mean.
+    """
+    import numpy as np
+
+    ranks = list(ranks)
+    styles = [dict(color=COLORS["red"]), dict(color=COLORS["orange"], dash="dot"), dict(color=COLORS["blue"])]
+    ref_styles = [dict(color=COLORS["black"], dash="dash"), dict(color="#888888", dash="dot")]
+    metrics = [("loss_per_byte", "x", "y", "loss {:.3g}"), ("exact_match", "x2", "y2", "exact match {:.3f}")]
+
+    def stats(runs, key):
+        v = np.asarray([s[key] for s in runs], dtype=float)
+        return v.mean(), v.mean() - v.min(), v.max() - v.mean()
+
+    steps = []
+    for r in ranks:
+        traces = []
+        for key, xa, ya, fmt in metrics:
+            for (label, by_r), style in zip(curves.items(), styles):
+                rs_ = [q for q in ranks if q in by_r]
+                m = [stats(by_r[q], key) for q in rs_]
+                traces.append(go.Scatter(
+                    x=rs_, y=[a for a, _, _ in m], mode="lines+markers", name=label, legendgroup=label,
+                    showlegend=key == "loss_per_byte", line=style, xaxis=xa, yaxis=ya,
+                    error_y=dict(type="data", symmetric=False, array=[c for _, _, c in m],
+                                 arrayminus=[b for _, b, _ in m], thickness=1, width=3),
+                    hovertemplate="r = %{x}: %{y:.4g}<extra>" + label + "</extra>"))
+                at = [stats(by_r[r], key)[0]] if r in by_r else []
+                traces.append(go.Scatter(x=[r] * len(at), y=at, mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
+                                         marker=dict(size=13, color=style["color"], line=dict(color="black", width=1)),
+                                         hoverinfo="skip"))
+            for (label, runs), style in zip(references.items(), ref_styles):
+                a = stats(runs, key)[0]
+                traces.append(go.Scatter(x=[ranks[0], ranks[-1]], y=[a, a], mode="lines", name=label, legendgroup=label,
+                                         showlegend=key == "loss_per_byte", line=style, xaxis=xa, yaxis=ya,
+                                         hovertemplate=f"{label}: %{{y:.4g}}<extra></extra>"))
+        parts = [f"{label} {stats(by_r[r], 'exact_match')[0]:.2f}" for label, by_r in curves.items() if r in by_r]
+        steps.append((r, traces, f"r = {r}: exact match " + ", ".join(parts) + "<br>(mean over seeds; bars: lowest to highest)"))
+    losses = [s["loss_per_byte"] for by_r in curves.values() for runs in by_r.values() for s in runs]
+    losses += [s["loss_per_byte"] for runs in references.values() for s in runs]
+    xaxis = dict(type="log", tickvals=ranks, ticktext=[str(r) for r in ranks])
+    fig = stepped_figure(
+        steps, "r", active=ranks.index(active_r),
+        xaxis=dict(xaxis, title="rank r (log scale)", domain=[0, 0.46]),
+        yaxis=dict(log_axis("held-out loss (nats per answer byte, log)", losses), exponentformat="power"),
+        xaxis2=dict(xaxis, title="rank r (log scale)", domain=[0.58, 1], anchor="y2"),
+        yaxis2=dict(title="held-out exact match (fraction of 200 dates)", range=[-0.03, 1.03], anchor="x2"),
+    )
+    fig.update_layout(margin=dict(t=110))
+    return fig
+
+
+# --------------------------------------------------------------------------- chapter 09
+
+
+def task_arithmetic_figure(steps_values, scores, tasks, active=0, slider_label="γ", percent=True,
+                           yaxis_title="held-out exact match (% of 200 prompts)"):
+    """Each task's score under each combination method; the slider picks the mix (``slider_label``).
+
+    scores: {value: {method: {task: score}}}, scores in [0, 1] when ``percent`` (drawn as %).
+    """
+    colors = [COLORS["blue"], COLORS["orange"], COLORS["green"], COLORS["purple"]]
+    scale = 100 if percent else 1
+    symbol = slider_label.split()[0]
+    steps = []
+    for v in steps_values:
+        methods = list(scores[v])
+        traces = [go.Bar(x=methods, y=[scale * scores[v][m][t] for m in methods], name=t, marker_color=colors[i],
+                         hovertemplate="%{x}: %{y:.3g}<extra>" + t + "</extra>")
+                  for i, t in enumerate(tasks)]
+        best = {t: max(methods, key=lambda m, t=t: scores[v][m][t]) for t in tasks}
+        parts = [f"{t} {scale * scores[v][best[t]][t]:.3g}{'%' if percent else ''} ({best[t]})" for t in tasks]
+        steps.append((v, traces, f"{symbol} = {v:g}: the best scores are " + ", ".join(parts)))
+    top = max(scale * x for v in steps_values for by_task in scores[v].values() for x in by_task.values())
+    return stepped_figure(steps, slider_label, active=active, barmode="group",
+                          xaxis_title="combination method (PEFT's combination_type)",
+                          yaxis=dict(title=yaxis_title, range=[0, max(1e-9, 1.05 * top)]))
+
+
+def swap_drift_figure(cycles, curves, bounds):
+    """max |W0' - W0| after K merge/unmerge cycles, one line per (format, scenario); dashed: the bounds.
+
+    curves: {label: [drift after each K]}; bounds: {label: [bound after each K]}.
+    """
+    fig = go.Figure()
+    colors = {"fp32": COLORS["blue"], "bf16": COLORS["orange"], "fp16": COLORS["green"]}
+    for label, ys in curves.items():
+        color = next((c for key, c in colors.items() if label.startswith(key)), COLORS["black"])
+        fig.add_trace(go.Scatter(x=list(cycles), y=ys, name=label, mode="lines",
+                                 line=dict(color=color, dash="solid" if "one" in label else "dot"),
+                                 hovertemplate="K = %{x}: %{y:.3g}<extra>" + label + "</extra>"))
+    for label, ys in bounds.items():
+        color = next((c for key, c in colors.items() if label.startswith(key)), COLORS["black"])
+        fig.add_trace(go.Scatter(x=list(cycles), y=ys, name=f"{label}: bound", mode="lines",
+                                 line=dict(color=color, dash="dash", width=1), opacity=0.6,
+                                 hovertemplate="K = %{x}: %{y:.3g}<extra>" + label + " bound</extra>"))
+    values = [v for ys in list(curves.values()) + list(bounds.values()) for v in ys if v > 0]
+    fig.update_layout(
+        title_text="Swapping among adapters keeps moving W0; one adapter moves it once",
+        xaxis=log_axis("merge/unmerge cycles K (log scale)", list(cycles)),
+        yaxis=dict(log_axis("max |W0 after K cycles − W0| (log scale)", values), exponentformat="power"),
+    )
+    return themed(fig, height=460)
+
+
+def multi_adapter_figure(batch_sizes, times_ms, active=None):
+    """Time of one layer's forward for a batch with m adapters, by strategy, against the batch size n;
+    the slider picks m. times_ms: {m: {strategy: [median ms per n]}} with the strategies of
+    ``lora_ref.serving.serving_strategies``."""
+    styles = {"gathered": dict(color=COLORS["sky"]), "segmented": dict(color=COLORS["blue"]),
+              "per adapter": dict(color=COLORS["orange"]), "merge": dict(color=COLORS["red"]),
+              "base": dict(color=COLORS["black"], dash="dot")}
+    labels = {"gathered": "one mixed batch, gathered (batched_lora_forward)",
+              "segmented": "one mixed batch, segmented (as PEFT's adapter_names)",
+              "per adapter": "one batch per adapter", "merge": "merge, forward, unmerge per adapter",
+              "base": "base model alone"}
+    steps = []
+    for m, series in times_ms.items():
+        traces = [go.Scatter(x=list(batch_sizes), y=series[key], name=labels[key], mode="lines+markers",
+                             line=styles[key], hovertemplate="n = %{x}: %{y:.3g} ms<extra>" + key + "</extra>")
+                  for key in labels]
+        q = [p / x for p, x in zip(series["merge"], series["segmented"])]
+        steps.append((m, traces, f"m = {m} adapters: merging per adapter takes {min(q):.2g}× to {max(q):.2g}× "
+                                 f"the time of one segmented mixed batch"))
+    all_ms = [t for s in times_ms.values() for v in s.values() for t in v]
+    return stepped_figure(steps, "m (adapters in the batch)", active=len(steps) - 1 if active is None else active,
+                          xaxis=log_axis("rows in the batch n (log scale)", list(batch_sizes)),
+                          yaxis=log_axis("median time of one layer (ms, log scale)", all_ms))

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+)\)\.")
 MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral",
-           "lora_ref.initialization", "lora_ref.rank_scaling"]
+           "lora_ref.initialization", "lora_ref.rank_scaling", "lora_ref.adapter_geometry",
+           "lora_ref.gradient_dynamics", "lora_ref.low_rank", "lora_ref.adapters", "lora_ref.serving"]
 
 # The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
 REQUIRED = {
@@ -42,6 +43,37 @@ REQUIRED = {
     "lora_ref.initialization.first_step_delta_y": "eq-ch04-sgd-step",
     "lora_ref.initialization.first_step_size": "eq-ch04-sgd-size",
     "lora_ref.initialization.first_step_exponent": "eq-ch04-exponent",
+    "lora_ref.numpy.lora_grads": "eq-ch05-grads",
+    "lora_ref.gradient_dynamics.adam_first_step": "eq-ch05-adam-a",
+    "lora_ref.gradient_dynamics.tangent_projection": "eq-ch05-tangent",
+    "lora_ref.gradient_dynamics.expressible_fraction": "prop-ch05-projected",
+    "lora_ref.gradient_dynamics.step_cosine": "prop-ch05-projected",
+    "lora_ref.gradient_dynamics.best_rank_fraction": "eq-ch05-fractions",
+    "lora_ref.gradient_dynamics.random_init_fraction_sq": "eq-ch05-fractions",
+    "lora_ref.gradient_dynamics.training_macs": "eq-ch05-macs",
+    "lora_ref.gradient_dynamics.saved_activations": "eq-ch05-memory",
+    "lora_ref.torch.loraplus_optimizer": "eq-ch05-loraplus",
+    "lora_ref.spectral.effective_rank": "eq-ch07-erank",
+    "lora_ref.spectral.effective_rank_of_spectrum": "eq-ch07-erank",
+    "lora_ref.spectral.subspace_similarity": "eq-ch07-phi",
+    "lora_ref.spectral.amplification_factor": "eq-ch07-amplification",
+    "lora_ref.spectral.intruder_dimensions": "eq-ch07-intruder",
+    "lora_ref.adapter_geometry.random_subspace_similarity": "eq-ch07-phi-random",
+    "lora_ref.adapter_geometry.random_projected_norm": "eq-ch07-random-projection",
+    "lora_ref.low_rank.fit_low_rank": "eq-ch06-gd",
+    "lora_ref.low_rank.energy_curve": "eq-ch06-energy",
+    "lora_ref.low_rank.rank_for_energy": "eq-ch06-energy",
+    "lora_ref.low_rank.critical_loss": "eq-ch06-critical",
+    "lora_ref.low_rank.truncate_updates": "eq-ch06-truncate",
+    "lora_ref.adapters.task_arithmetic_delta": "eq-ch09-cat",
+    "lora_ref.adapters.combine_factors": "eq-ch09-linear",
+    "lora_ref.numpy.batched_lora_forward": "eq-ch09-batched",
+    "lora_ref.numpy.pad_adapters": "eq-ch09-padding",
+    "lora_ref.serving.padding_overhead": "eq-ch09-padding",
+    "lora_ref.serving.swap_macs": "eq-ch09-swap",
+    "lora_ref.serving.swap_drift": "prop-ch09-drift",
+    "lora_ref.serving.swap_drift_bound": "prop-ch09-drift",
+    "lora_ref.serving.adapters_that_fit": "eq-ch09-fit",
 }
 
 

@@ -5,6 +5,7 @@ The expected values are written here as closed forms from the models' shapes and
 computed with the checkers' own expressions.
 """
 
+import math
 import re
 
 import pytest
@@ -61,6 +62,40 @@ CASES = [
      4 + 8 / 32 + 32 / (32 * 256), [4.2539, 4.25391], [4.2540, 4.2538]),
     ("ch08_nf4_code", lambda a: ex.ch08_nf4_code(a, w=0.3, absmax=1.2),
      _nearest_nf4_index(0.3 / 1.2), [10], [9, 11]),
+    # p = (1/2, 1/4, 1/8, 1/8): erank = prod p_i^(-p_i) = 2^(1/2) 4^(1/4) 8^(1/8) 8^(1/8) = 2^(7/4) = 3.3636
+    ("ch07_effective_rank", lambda a: ex.ch07_effective_rank(a, sigma=(4, 2, 1, 1)),
+     2 ** (7 / 4), [3.364, 3.3636], [3.363, 3.365]),
+    # E[phi] = max(i, j) / k = 16 / 128
+    ("ch07_random_similarity", lambda a: ex.ch07_random_similarity(a, i=4, j=16, k=128),
+     1 / 8, [0.125, 1 / 8], [0.124, 0.126, 4 * 16 / 128, 4 / 128]),
+    # ||Delta W||_F / (r ||W0||_F / sqrt(d k)) = 3.57 * 12288 / (64 * 61.95) = 11.064
+    ("ch07_random_amplification", lambda a: ex.ch07_random_amplification(a),
+     3.57 * 12288 / (64 * 61.95), [11.1, 11.06], [11.0, 11.2]),
+    # chapter 05: chapter 02's worked example (s = 2, B = (2, -1), x = (1, 2, 3)) with ybar = (1, 1): B^T ybar = 1
+    ("ch05_grad_A_by_hand", lambda a: ex.ch05_grad_A_by_hand(a, grad_y=(1.0, 1.0)),
+     [2.0, 4.0, 6.0], [[2, 4, 6], [[2, 4, 6]], [[2], [4], [6]]], [[2, 4, 7], [3, 4, 6], [1, 2, 3], [2, 4]]),
+    ("ch05_adam_first_step", lambda a: ex.ch05_adam_first_step(a, beta1=0.9, beta2=0.999),
+     (1.999) ** 0.5 / 1.9, [0.7441, 0.74414], [0.7442, 0.7440]),
+    ("ch05_backward_mac_ratio", lambda a: ex.ch05_backward_mac_ratio(a, d=4096, k=4096, r=16),
+     2 / 3 + 16 * 8192 / 4096**2, [0.6745, 0.67448], [0.6746, 0.6744]),
+    ("ch05_loraplus_alpha", lambda a: ex.ch05_loraplus_alpha(a, alpha=16.0, ratio=16.0, r=8),
+     16 * 16, [256, 256.0], [255, 257, 16]),
+    # chapter 06: diag(5, 3, 2, 1) at r = 2 drops 2 and 1; sigma_i = 0.9^(i-1) keeps (1 - 0.81^r) / (1 - 0.81^128)
+    ("ch06_eckart_young_error", lambda a: ex.ch06_eckart_young_error(a, sigma=(5.0, 3.0, 2.0, 1.0), r=2),
+     math.sqrt(2**2 + 1**2), [2.236, 2.2361], [2.237, 2.235, 2.0, 3.0]),
+    ("ch06_rank_for_energy", lambda a: ex.ch06_rank_for_energy(a, rho=0.9, n=128, tau=0.9),
+     math.ceil(math.log(1 - 0.9 * (1 - 0.81**128)) / math.log(0.81)), [11], [10, 12]),
+    ("ch06_saddle_loss", lambda a: ex.ch06_saddle_loss(a, sigma=(4.0, 3.0, 2.0, 1.0), kept=(1, 3)),
+     0.5 * (3**2 + 1**2), [5, 5.0], [4, 6, 2.5, 10]),
+    # chapter 09: c = (0.3 * 2, -0.6 * 0.5) = (0.6, -0.3); B = sqrt(0.6) B1 + sqrt(0.3) B2, A = sqrt(0.6) A1 - sqrt(0.3) A2
+    ("ch09_linear_cross_term", lambda a: ex.ch09_linear_cross_term(a, w=(0.3, -0.6), s=(2.0, 0.5)),
+     -math.sqrt(0.6 * 0.3), [-0.4243, -0.42426], [-0.4242, -0.4244, 0.4243, -0.18]),
+    # Llama-3.1-8B: N = 8,030,261,248, P(r=16, all-linear) = 41,943,040; (80e9 - 20e9 - 2N) / 2P = 523.8
+    ("ch09_adapters_that_fit", lambda a: ex.ch09_adapters_that_fit(a, r=16, memory_gb=80, reserved_gb=20),
+     (80 * 10**9 - 20 * 10**9 - 2 * 8_030_261_248) // (2 * 41_943_040), [523], [522, 524]),
+    # every row pays for rank 64: 1 - (4 + 8 + 64) / (3 * 64) = 29/48
+    ("ch09_padding_overhead", lambda a: ex.ch09_padding_overhead(a, ranks=(4, 8, 64), rows=(1, 1, 1)),
+     29 / 48, [0.6042, 0.60417], [0.6041, 0.6043, 1 - 29 / 48]),
 ]
 IDS = [c[0] for c in CASES]
 CHECKERS = {c[0]: c[1] for c in CASES}
@@ -105,7 +140,8 @@ def test_checker_says_when_there_is_no_answer(name, checker, exact, right, wrong
 
 
 @pytest.mark.parametrize("name", ["ch01_full_finetune_gb", "ch01_rank_for_equal_size",
-                                  "ch02_crossover_tokens", "ch08_bits_per_weight"])
+                                  "ch02_crossover_tokens", "ch08_bits_per_weight",
+                                  "ch09_linear_cross_term", "ch09_padding_overhead"])
 def test_checkers_with_significant_figures_say_how_many(name):
     assert "significant figures" in repr(CHECKERS[name](None))
 
@@ -144,3 +180,13 @@ def test_nf4_code_checker_agrees_with_bitsandbytes_at_the_rounding_edges():
         packed, _ = bnbF.quantize_4bit(block, blocksize=64, quant_type="nf4", compress_statistics=False)
         theirs = int(packed.reshape(-1)[0]) >> 4                     # the first element: the high nibble
         assert ex.ch08_nf4_code(theirs, w=mid, absmax=1.0), (mid, theirs)
+
+
+def test_float_spacing_checker_takes_the_mantissa_width():
+    """The assignments ask the bf16 question for other formats: p stored bits give spacing 2^-p in [1, 2)."""
+    assert ex.ch02_bf16_spacing(2.0**-10, mantissa_bits=10)                 # fp16
+    assert ex.ch02_bf16_spacing(2.0**-23, mantissa_bits=23)                 # fp32
+    assert not ex.ch02_bf16_spacing(2.0**-7, mantissa_bits=10)
+    assert "half the spacing" in repr(ex.ch02_bf16_spacing(2.0**-11, mantissa_bits=10))
+    with pytest.raises(ValueError, match="mantissa_bits"):
+        ex.ch02_bf16_spacing(0.5, mantissa_bits=0)
