@@ -243,6 +243,25 @@ def _write_dir(tmp, config, tensors):
         _fsync(os.path.join(tmp, name))
 
 
+def _publish(path, config, tensors):
+    """Write an adapter directory at ``path`` (absolute) all at once: into a temporary sibling,
+    then renamed into place by _replace_dir, so a failure leaves no half-written adapter.
+    The directory gets the usual mode (0o777 less the umask), not mkdtemp's private 0o700."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _write_dir(tmp, config, tensors)
+        _replace_dir(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return path
+
+
 def _replace_dir(tmp, path):
     """Move the finished directory ``tmp`` to ``path``. A new path appears in one rename; an
     old adapter is moved aside, replaced, then deleted (restored if the swap fails)."""
@@ -280,17 +299,7 @@ def save_adapter(model, path, base_model_name_or_path=None, target_modules=None,
         raise ValueError("the model has no LoRA layers (lora_ref.torch.LoRALinear) to save; call add_lora first")
     config = _config_dict(model, layers, target_modules, base_model_name_or_path, task_type)
     tensors = _adapter_tensors(layers)
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        _write_dir(tmp, config, tensors)
-        _replace_dir(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return path
+    return _publish(os.path.abspath(os.fspath(path)), config, tensors)
 
 
 # --------------------------------------------------------------------------- load
@@ -586,13 +595,4 @@ def combine_adapters(paths, weights, out_path, combination_type="svd", svd_rank=
     config = dict(configs[0], r=q, lora_alpha=q, target_modules=_combined_targets(configs, files),
                   alpha_pattern={}, rank_pattern={}, use_rslora=False)
     _check_config(config, f"the combined config for {out_path}")
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
-    try:
-        _write_dir(tmp, config, tensors)
-        _replace_dir(tmp, out_path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return out_path
+    return _publish(out_path, config, tensors)

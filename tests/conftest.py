@@ -1,6 +1,32 @@
 """Shared fixtures. Models are built from configs in code and seeded: nothing is downloaded."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A loader: load_benchmark("bench_nf4") imports benchmarks/bench_nf4.py as a module, for the
+    benchmarks' smoke tests. It is registered in sys.modules while the tests run (dataclasses
+    look their module up there) and removed at the end of the session."""
+    loaded = []
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 def _quiet_transformers():

@@ -5,6 +5,7 @@ import ast
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -421,3 +422,9 @@ def test_files_are_not_pickle_and_adapters_never_unpickles(saved):
     calls = {(n.value.id, n.attr) for n in ast.walk(tree)
              if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
     assert not calls & {("torch", "load"), ("torch", "save"), ("pickle", "load"), ("pickle", "loads")}
+
+
+def test_saved_adapter_directory_has_the_usual_mode_not_mkdtemps_private_one(saved):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(saved).st_mode) == 0o777 & ~umask

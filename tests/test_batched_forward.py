@@ -3,10 +3,7 @@ alike; padding to a larger rank changes nothing; a model serving three adapters 
 mixed-batch logits (``adapter_names=``); bad shapes and indices get errors that name them; and the
 benchmark runs (a smoke test)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,19 +221,11 @@ def test_model_without_an_index_or_with_a_wrong_one_says_so(make_tiny_llama, tmp
 
 # --------------------------------------------------------------------------- the benchmark, as a smoke test
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_adapter.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_multi_adapter", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("bench_multi_adapter")
 
 
 def test_benchmark_strategies_compute_the_same_outputs(bench):

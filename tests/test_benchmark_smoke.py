@@ -5,11 +5,8 @@ structure of the results and that the benchmark's equality check really catches 
 variant that computes something else (then the timings would compare unequal work).
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,21 +15,13 @@ pytest.importorskip("peft")
 
 from lora_ref.torch import LoRALinear  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora_linear.py"
 D, R, T = 64, 4, 8
 FAST = dict(target_rep_s=0.002)   # ~2 ms per repetition: a smoke run, not a measurement
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_linear", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("bench_lora_linear")
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,7 @@
 """lora_ref.gradient_dynamics against independent oracles: autograd, torch's FLOP counter and saved-tensor
 hooks, torch's Adam, Monte Carlo with a confidence interval, and the tiny model's own training loop."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +14,6 @@ from lora_ref import gradient_dynamics as gd
 from lora_ref import numpy as ln
 from lora_ref import torch as lt
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rand(seed, *shapes):
@@ -316,16 +312,8 @@ def test_first_step_reaching():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = ROOT / "benchmarks" / "bench_backward.py"
-    spec = importlib.util.spec_from_file_location("bench_backward", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("bench_backward")
 
 
 def test_backward_benchmark_runs_and_reports_the_counted_ratios(bench):

@@ -6,12 +6,9 @@ must equal a bitsandbytes Linear4bit wrapped by PEFT's LoRA with the same A and 
 """
 
 import copy
-import importlib.util
 import logging
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +26,6 @@ from lora_ref import budget, oracles  # noqa: E402
 from lora_ref import quant as q  # noqa: E402
 from lora_ref import torch as lt  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nf4.py"
 # Half the largest gap between neighbouring NF4 levels, (-0.6961928 - -1) / 2 = 0.1519: the
 # worst rounding error of a weight, in units of its block's absmax.
 HALF_GAP = ((q.nf4_codebook().diff().max()) / 2).item()
@@ -653,15 +649,8 @@ def test_quantize_model_nf4_on_tiny_llama(make_tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_nf4", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("bench_nf4")
 
 
 def test_benchmark_runs_on_a_tiny_size(bench):
