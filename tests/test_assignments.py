@@ -207,6 +207,18 @@ def _student_texts(student_dir):
     return texts
 
 
+def _code_lines_outside_checker_calls(cell):
+    """The stripped lines of a solution cell, less those of a checker call ``ex.…(…)``, which
+    the student version shows too (with the answer left out), continuation lines included."""
+    out, depth = [], 0
+    for line in cell.splitlines():
+        if depth == 0 and "ex." not in line:
+            out.append(line.strip())
+            continue
+        depth = max(0, depth + line.count("(") - line.count(")"))
+    return out
+
+
 def leaks(student_dir, chapter):
     """Solutions and hidden tests found in a student version: [(what, needle, where)]."""
     spec, book = _spec_of(chapter), _book_values(chapter)
@@ -224,8 +236,8 @@ def leaks(student_dir, chapter):
                             f"{q['function']}({', '.join(f'{a}={full[a]!r}' for a in q['args'])})"))
     for e in book.values():
         needles.append(("the book's solution text", ROLE.sub(r"`\1`", e.solution_text)[:60]))
-        needles += [("the book's solution code", line.strip()) for cell in e.solution_code
-                    for line in cell.splitlines() if len(line.strip()) >= 10 and "ex." not in line]
+        needles += [("the book's solution code", line) for cell in e.solution_code
+                    for line in _code_lines_outside_checker_calls(cell) if len(line) >= 10]
     texts = _student_texts(student_dir)
     found = []
     for what, needle in needles:
