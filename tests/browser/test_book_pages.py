@@ -111,9 +111,10 @@ def test_page_works_offline_with_math_and_figures(page, site_url, chapter):
     assert page.locator("mjx-merror").count() == 0, "MathJax reports a TeX error"
     if "notebooks/" in chapter:
         assert page.locator(".plotly-graph-div").count() >= 1, "a chapter without a figure"
+    # a drawn trace: an SVG group of class "trace" (lines, bars, markers) or "hm" (a heatmap's image)
     drawn = page.evaluate(
         "Array.from(document.querySelectorAll('.plotly-graph-div')).map(g => g._fullData.length > 0 && "
-        "g.querySelectorAll('.main-svg .trace').length > 0)"
+        "g.querySelectorAll('.main-svg .trace, .main-svg .hm').length > 0)"
     )
     assert all(drawn), f"figures that did not draw: {drawn}"
     assert page.blocked == [], f"the page asked other hosts for: {sorted(set(page.blocked))[:5]}"
