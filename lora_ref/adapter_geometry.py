@@ -23,6 +23,7 @@ __all__ = [
     "random_subspace_similarity",
     "random_projected_norm",
     "similarity_grid",
+    "similarity_over_random",
     "measure_update",
     "lora_factors",
     "train_run",
@@ -85,6 +86,25 @@ def similarity_grid(A1, A2, i_max, j_max):
     i = np.arange(1, i_max + 1)[:, None]
     j = np.arange(1, j_max + 1)[None, :]
     return cum / np.minimum(i, j)
+
+
+def similarity_over_random(grid, k, j_from=17):
+    """The median of phi(i, j) / E[phi] over the columns j >= j_from of a similarity grid.
+
+    grid: (i_max, j_max), the [i-1, j-1] entry phi(i, j), as from ``similarity_grid``; k: the
+    input width; E[phi] = max(i, j) / k (``random_subspace_similarity``). 1 means "as a random
+    subspace would", away from the top directions.
+    Book: the subspace-similarity heatmaps (notebooks/07_trained_adapters).
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 2 or not 1 <= j_from <= grid.shape[1]:
+        raise ValueError(f"need a 2-D grid with at least j_from={j_from} columns, got shape {grid.shape}")
+    i = np.arange(1, grid.shape[0] + 1)[:, None]
+    j = np.arange(1, grid.shape[1] + 1)[None, :]
+    if grid.shape[0] > k or grid.shape[1] > k:
+        raise ValueError(f"a grid of shape {grid.shape} does not fit in R^k with k={k}")
+    ratio = grid / (np.maximum(i, j) / k)                      # phi / E[phi], entry by entry
+    return float(np.median(ratio[:, j_from - 1:]))
 
 
 def measure_update(W0, delta_W, r=None, top_k=10, eps=0.5):

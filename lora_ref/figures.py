@@ -11,11 +11,12 @@ This module needs plotly (the ``book`` extra) and never imports torch.
 from __future__ import annotations
 
 import math
+import re
 
 import plotly.graph_objects as go
 
 __all__ = [
-    "COLORS", "themed", "stepped_figure", "log_axis", "show",
+    "COLORS", "themed", "stepped_figure", "log_axis", "wrap_title", "finish_layout", "show",
     "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
     "codebook_figure", "blocksize_figure", "loss_curves_figure",
     "code_frequency_figure", "merge_regimes_figure", "rank_sweep_figure",
@@ -49,7 +50,7 @@ def themed(fig, height=420):
         margin=dict(l=70, r=30, t=70, b=60),
         font=dict(family="Helvetica, Arial, sans-serif", size=13),
         title=dict(x=0.0, xanchor="left", font=dict(size=15)),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0.0),
         hoverlabel=dict(namelength=-1),
     )
     return fig
@@ -95,9 +96,89 @@ def log_axis(title, values, pad=0.15):
                 exponentformat="SI", minor=dict(showgrid=False))
 
 
+# The shared layout, applied by ``show`` to every figure of the book. From the top: the title (wrapped
+# to the text column), the legend (left-aligned, just above the plot), the plot, the x-axis title,
+# then the slider, so that no two of them overlap. book/_static/lora-figures.js redoes the wrapping
+# and the margins in the browser for the width the page really has (a 390 px phone, say), stacks
+# side-by-side panels there, and follows the page's dark theme.
+TITLE_CHARS = 84          # characters of 15 px Helvetica in one line of the book's text column
+LEGEND_WIDTH = 720        # px of that column for legend entries
+TITLE_LINE, LEGEND_ROW = 20, 22
+
+
+def wrap_title(text, width=TITLE_CHARS):
+    """The title with a <br> wherever a line would pass ``width`` characters (markup not counted)."""
+    lines = []
+    for part in str(text).split("<br>"):
+        line, visible = "", 0
+        for word in part.split(" "):
+            n = len(re.sub(r"<[^>]+>", "", word))
+            if line and visible + 1 + n > width:
+                lines.append(line)
+                line, visible = word, n
+            else:
+                visible += (1 if line else 0) + n
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+
+def _legend_rows(fig):
+    """How many rows the horizontal legend takes in the text column (entries of one slider step)."""
+    if fig.layout.showlegend is False:
+        return 0
+    shown = [t for t in fig.data if t.showlegend is not False and t.name and t.visible is not False]
+    widths, seen = [], set()
+    for trace in shown:
+        key = trace.legendgroup or trace.name
+        if key not in seen:
+            seen.add(key)
+            widths.append(40 + 7 * len(re.sub(r"<[^>]+>", "", trace.name)))
+    if not widths:
+        return 0
+    rows, used = 1, 0
+    for w in widths:
+        if used and used + w > LEGEND_WIDTH:
+            rows, used = rows + 1, 0
+        used += w
+    return rows
+
+
+def finish_layout(fig):
+    """Apply the shared layout (see above) to a figure and return it. Idempotent."""
+    title = fig.layout.title.text or ""
+    fig.update_layout(title_text=wrap_title(title))
+    lines = [wrap_title(title).count("<br>") + 1 if title else 0]
+    for slider in fig.layout.sliders or ():
+        for step in slider.steps:
+            args = list(step.args)
+            if len(args) > 1 and "title.text" in (args[1] or {}):
+                args[1] = dict(args[1], **{"title.text": wrap_title(args[1]["title.text"])})
+                step.args = args
+                lines.append(args[1]["title.text"].count("<br>") + 1)
+    rows = _legend_rows(fig)
+    legend_on_top = fig.layout.legend.y is None or fig.layout.legend.y >= 1
+    top = 12 + TITLE_LINE * max(lines) + (LEGEND_ROW * rows + 8 if rows and legend_on_top else 0) + 8
+    fig.update_layout(
+        margin=dict(t=top),
+        title=dict(yref="container", y=1, yanchor="top", pad=dict(t=12), x=0, xanchor="left", xref="container"),
+    )
+    if legend_on_top:
+        fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=1, yanchor="bottom", yref="paper"))
+    if fig.layout.sliders:
+        # below the x-axis tick labels and title: their lines, and rotated tick labels need more room
+        axes = [a for name, a in fig.layout.to_plotly_json().items() if name.startswith("xaxis")]
+        title_lines = max([str((a.get("title") or {}).get("text", "")).count("<br>") + 1 for a in axes] or [1])
+        rotated = any(a.get("tickangle") not in (None, 0) for a in axes)
+        pad = 36 + 18 * title_lines + (44 if rotated else 0)
+        fig.update_layout(sliders=[dict(s.to_plotly_json(), y=0, yanchor="top", pad=dict(t=pad, b=10))
+                                   for s in fig.layout.sliders])
+    return fig
+
+
 def show(fig):
     """Display a figure in a notebook (the book build sets PLOTLY_RENDERER=notebook_connected)."""
-    fig.show(config={"displaylogo": False, "responsive": True})
+    finish_layout(fig).show(config={"displaylogo": False, "responsive": True})
 
 
 # --------------------------------------------------------------------------- chapter 01
@@ -188,8 +269,11 @@ def forward_cost_figure(T_values, times_ms, d, k, crossover):
         xaxis=log_axis("tokens T in one forward pass (log scale)", list(T_values)),
         yaxis=log_axis("median time (ms, log scale)", [t for s in times_ms.values() for v in s.values() for t in v]),
     )
-    fig.add_vline(x=crossover, line=dict(color=COLORS["purple"], dash="dash"),
-                  annotation_text=f"T* = dk/(d+k) = {crossover:g}", annotation_position="top left")
+    # On a log axis a shape takes x in data units, an annotation in log10 units (plotly's rule), so the
+    # label is placed by hand: add_vline's own annotation would land at 10^T*.
+    fig.add_vline(x=crossover, line=dict(color=COLORS["purple"], dash="dash"))
+    fig.add_annotation(x=math.log10(crossover), xref="x", y=1, yref="paper", yanchor="top", xanchor="right",
+                       text=f"T* = dk/(d+k) = {crossover:g}", showarrow=False, font=dict(color=COLORS["purple"]))
     return fig
 
 
@@ -237,9 +321,9 @@ def codebook_figure(codebooks, offset):
                        line=dict(color=COLORS["sky"]), fill="tozeroy", hoverinfo="skip"),
             go.Scatter(x=[v for v in lv for _ in (0, 1, 2)], y=[y for _ in lv for y in (0, top * 1.05, None)],
                        mode="lines", name=f"{name} levels", line=dict(color=COLORS["red"], width=1.5),
-                       hoverinfo="skip"),
+                       legendgroup=f"{name} levels", hoverinfo="skip"),
             go.Scatter(x=lv, y=[top * 1.05] * len(lv), mode="markers", name=f"{name} level values",
-                       marker=dict(color=COLORS["red"], size=7), showlegend=False,
+                       marker=dict(color=COLORS["red"], size=7), showlegend=False, legendgroup=f"{name} levels",
                        hovertemplate="level %{x:.4f}<extra>" + name + "</extra>"),
         ]
         gaps = [b - a for a, b in zip(lv, lv[1:])]
@@ -265,7 +349,7 @@ def blocksize_figure(blocksizes, scaled_hists, edges, mse, levels):
     for b in blocksizes:
         errs = mse[b]
         traces = [
-            go.Bar(x=centres, y=scaled_hists[b], name="weights / c_j", marker_color=COLORS["sky"],
+            go.Bar(x=centres, y=scaled_hists[b], name="weights / c<sub>j</sub>", marker_color=COLORS["sky"],
                    hovertemplate="%{x:.2f}: %{y}<extra></extra>"),
             go.Scatter(x=[float(v) for v in levels], y=[top * 1.02] * len(levels), mode="markers",
                        name="NF4 levels", marker=dict(symbol="line-ns-open", size=14, color=COLORS["red"])),
@@ -306,7 +390,7 @@ def code_frequency_figure(blocksizes, freqs, entropies, design):
             go.Bar(x=codes, y=f, name="measured, N(0, 1) weights", marker_color=COLORS["blue"],
                    hovertemplate="code %{x}: %{y:.2f}% of the weights<extra></extra>"),
             go.Scatter(x=codes, y=[100 * float(x) for x in design], mode="lines+markers",
-                       name="if w / c_j were ξ / Φ⁻¹(offset)", line=dict(color=COLORS["orange"]),
+                       name="if w / c<sub>j</sub> were ξ / Φ⁻¹(offset)", line=dict(color=COLORS["orange"]),
                        hovertemplate="code %{x}: %{y:.2f}%<extra>design assumption</extra>"),
             go.Scatter(x=[-0.5, 15.5], y=[100 / 16] * 2, mode="lines", name="uniform, 1/16: 4 bits",
                        line=dict(color=COLORS["black"], dash="dot"), hoverinfo="skip"),
@@ -357,7 +441,7 @@ def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
         yaxis=dict(log_axis("merge error / ‖ΔW‖ (log scale)", nonzero + [1.0]), exponentformat="power"),
     )
     themed(fig, height=480)
-    fig.update_layout(margin=dict(t=110), legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
     return fig
 
 
@@ -386,7 +470,7 @@ def ba_entry_law_figure(r_values, samples, kurtosis_closed, bins=60, span=4.0):
                          opacity=0.7, hovertemplate="%{x:.2f}: density %{y:.3f}<extra></extra>"),
                   go.Scatter(x=grid, y=normal, name="N(0, 1)", mode="lines", line=dict(color=COLORS["red"]),
                              hovertemplate="%{x:.2f}: %{y:.3f}<extra>N(0, 1)</extra>")]
-        steps.append((r, traces, f"r = {r}: an entry of B A is a sum of {r} products; "
+        steps.append((r, traces, f"r = {r}: an entry of B A is " + ("one product" if r == 1 else f"a sum of {r} products") + "; "
                                  f"excess kurtosis {float(kurtosis_closed[r]):.3g} → 0 as r grows"))
     return stepped_figure(steps, "r", active=0, bargap=0,
                           xaxis=dict(title="standardised entry ((BA)ᵢⱼ − mean) / sd (dimensionless)",
@@ -418,11 +502,12 @@ def rank_sweep_figure(ranks, runs, active_r=64):
                 traces.append(go.Scatter(x=list(range(len(loss))), y=loss, mode="lines", name=f"{opt}, s = {rule}",
                                          line=dict(color=colors[opt], **styles[rule]), xaxis="x", yaxis="y",
                                          hovertemplate="step %{x}: loss %{y:.4g}<extra>" + f"{opt}, {rule}</extra>"))
-        for rule, g in grad.items():
-            traces.append(go.Scatter(x=list(ranks), y=g, mode="lines+markers", name=f"‖∇‖ at step 0, {rule}",
+        for j, (rule, g) in enumerate(grad.items()):
+            traces.append(go.Scatter(x=list(ranks), y=g, mode="lines+markers", name=f"gradient norm at step 0, s = {rule}",
                                      line=dict(color=COLORS["green"], **styles[rule]), xaxis="x2", yaxis="y2",
-                                     showlegend=False, hovertemplate="r = %{x}: %{y:.3g}<extra>" + rule + "</extra>"))
-            traces.append(go.Scatter(x=[r], y=[g[list(ranks).index(r)]], mode="markers", showlegend=False,
+                                     hovertemplate="r = %{x}: %{y:.3g}<extra>" + rule + "</extra>"))
+            traces.append(go.Scatter(x=[r], y=[g[list(ranks).index(r)]], mode="markers", name="the slider's r",
+                                     legendgroup="slider", showlegend=j == 0,
                                      marker=dict(size=12, color=COLORS["red"]), xaxis="x2", yaxis="y2", hoverinfo="skip"))
         title = (f"r = {r}: after {len(loss) - 1} steps, SGD reaches {finals[('sgd', 'alpha/r')]:.3g} with α/r "
                  f"and {finals[('sgd', 'alpha/sqrt(r)')]:.3g} with α/√r;<br>Adam {finals[('adam', 'alpha/r')]:.3g} "
@@ -432,11 +517,10 @@ def rank_sweep_figure(ranks, runs, active_r=64):
     fig = stepped_figure(
         steps, "r", active=list(ranks).index(active_r),
         xaxis=dict(title="optimizer step", domain=[0, 0.55]),
-        yaxis=dict(title="loss ½‖sBA − W*‖²_F", range=[0, 1.05 * max(all_loss)]),
+        yaxis=dict(title="loss ½‖sBA − W*‖²<sub>F</sub>", range=[0, 1.05 * max(all_loss)]),
         xaxis2=dict(log_axis("rank r (log scale)", list(ranks)), domain=[0.68, 1], anchor="y2", dtick=math.log10(2) * 2),
-        yaxis2=dict(log_axis("‖(∂L/∂A, ∂L/∂B)‖_F at step 0 (log)", all_grad), anchor="x2"),
+        yaxis2=dict(log_axis("‖(∂L/∂A, ∂L/∂B)‖<sub>F</sub> at step 0 (log)", all_grad), anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=110))
     return fig
 
 
@@ -469,7 +553,7 @@ def subspace_similarity_figure(frames, left_title, right_title, active=0):
         xaxis2=dict(title=f"j (top directions of the 2nd A)<br>{right_title}", domain=[0.5, 0.9], anchor="y2"),
         yaxis2=dict(autorange="reversed", anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=110, b=90))
+    fig.update_layout(margin=dict(b=90))
     return fig
 
 
@@ -559,9 +643,9 @@ def gradient_norms_figure(rec, steps_shown):
     steps = []
     for t in steps_shown:
         traces = [
-            go.Bar(x=labels, y=np.maximum(gB[t], floor), name="‖∂L/∂B‖_F", marker_color=COLORS["blue"],
+            go.Bar(x=labels, y=np.maximum(gB[t], floor), name="‖∂L/∂B‖<sub>F</sub>", marker_color=COLORS["blue"],
                    xaxis="x", yaxis="y", hovertemplate="%{x}: %{y:.3g}<extra>‖∂L/∂B‖</extra>"),
-            go.Bar(x=labels, y=np.maximum(gA[t], floor), name="‖∂L/∂A‖_F", marker_color=COLORS["orange"],
+            go.Bar(x=labels, y=np.maximum(gA[t], floor), name="‖∂L/∂A‖<sub>F</sub>", marker_color=COLORS["orange"],
                    xaxis="x", yaxis="y", hovertemplate="%{x}: %{y:.3g}<extra>‖∂L/∂A‖</extra>"),
             go.Scatter(x=t_all, y=ratio, mode="lines", name="‖∂L/∂A‖ / ‖∂L/∂B‖ (all layers)",
                        line=dict(color=COLORS["orange"]), xaxis="x2", yaxis="y2",
@@ -569,11 +653,11 @@ def gradient_norms_figure(rec, steps_shown):
             go.Scatter(x=t_all, y=moved, mode="lines", name="‖A − A₀‖ / ‖B‖ (all layers)",
                        line=dict(color=COLORS["green"], dash="dot"), xaxis="x2", yaxis="y2",
                        hovertemplate="step %{x}: %{y:.3f}<extra>A moved / B</extra>"),
-            go.Scatter(x=[t], y=[ratio[t]], mode="markers", showlegend=False, marker=dict(size=11, color=COLORS["red"]),
+            go.Scatter(x=[t], y=[ratio[t]], mode="markers", name="the slider's step", marker=dict(size=11, color=COLORS["red"]),
                        xaxis="x2", yaxis="y2", hoverinfo="skip"),
         ]
         title = (f"Step {t}: ‖∂L/∂A‖ is {100 * ratio[t]:.0f}% of ‖∂L/∂B‖ over all layers, "
-                 f"with ‖B‖_F = {norm_B[t]:.2g}")
+                 f"with ‖B‖<sub>F</sub> = {norm_B[t]:.2g}")
         steps.append((t, traces, title))
     fig = stepped_figure(
         steps, "step", active=0, barmode="group",
@@ -582,7 +666,7 @@ def gradient_norms_figure(rec, steps_shown):
         xaxis2=dict(title="optimizer step", domain=[0.68, 1], anchor="y2"),
         yaxis2=dict(title="ratio (dimensionless)", anchor="x2", range=[0, 1.05 * float(np.nanmax(np.r_[ratio, moved]))]),
     )
-    fig.update_layout(margin=dict(t=110, b=90))
+    fig.update_layout(margin=dict(b=90))
     return fig
 
 
@@ -601,7 +685,7 @@ def step_projection_figure(ranks, per_rank, widths, active_r=8):
         traces = [
             go.Bar(x=labels, y=row["best"], name="best rank-r step (Eckart–Young)", marker_color=COLORS["sky"],
                    hovertemplate="%{x}: %{y:.3f}<extra>best rank r</extra>"),
-            go.Bar(x=labels, y=row["fraction"], name="‖G P_A‖ / ‖G‖ (random A)", marker_color=COLORS["blue"],
+            go.Bar(x=labels, y=row["fraction"], name="‖G P<sub>A</sub>‖ / ‖G‖ (random A)", marker_color=COLORS["blue"],
                    hovertemplate="%{x}: %{y:.3f}<extra>fraction</extra>"),
             go.Bar(x=labels, y=row["cosine"], name="cos(LoRA step, −G)", marker_color=COLORS["orange"],
                    hovertemplate="%{x}: %{y:.3f}<extra>cosine</extra>"),
@@ -615,8 +699,8 @@ def step_projection_figure(ranks, per_rank, widths, active_r=8):
         steps.append((r, traces, title))
     fig = stepped_figure(steps, "r", active=list(ranks).index(active_r), barmode="group",
                          xaxis=dict(title="LoRA layer (decoder layer . projection)", tickangle=-60),
-                         yaxis=dict(title="cosine or fraction of ‖G‖_F (dimensionless)", range=[0, 1.02]))
-    fig.update_layout(margin=dict(t=110, b=90))
+                         yaxis=dict(title="cosine or fraction of ‖G‖<sub>F</sub> (dimensionless)", range=[0, 1.02]))
+    fig.update_layout(margin=dict(b=90))
     return fig
 
 
@@ -639,7 +723,7 @@ def loraplus_figure(ratios, test_loss, curves, active=1):
             go.Scatter(x=ratios, y=means, mode="lines+markers", name="mean of the seeds",
                        line=dict(color=COLORS["blue"]), xaxis="x", yaxis="y",
                        hovertemplate="λ = %{x}: %{y:.4f}<extra>mean</extra>"),
-            go.Scatter(x=[lam], y=[means[i]], mode="markers", showlegend=False, marker=dict(size=13, color=COLORS["red"]),
+            go.Scatter(x=[lam], y=[means[i]], mode="markers", name="the slider's λ", marker=dict(size=13, color=COLORS["red"]),
                        xaxis="x", yaxis="y", hoverinfo="skip"),
             go.Scatter(x=list(range(len(curves[ratios[0]]))), y=curves[ratios[0]], mode="lines", name="training loss, λ = 1",
                        line=dict(color=COLORS["black"], dash="dot"), xaxis="x2", yaxis="y2",
@@ -653,12 +737,11 @@ def loraplus_figure(ratios, test_loss, curves, active=1):
         steps.append((lam, traces, title))
     fig = stepped_figure(
         steps, "λ", active=active,
-        xaxis=dict(log_axis("λ = η_B / η_A (log scale)", ratios), domain=[0, 0.45], dtick=math.log10(2) * 2),
+        xaxis=dict(log_axis("λ = η<sub>B</sub> / η<sub>A</sub> (log scale)", ratios), domain=[0, 0.45], dtick=math.log10(2) * 2),
         yaxis=dict(title="held-out loss (nats per answer byte)"),
         xaxis2=dict(title="optimizer step", domain=[0.57, 1], anchor="y2"),
         yaxis2=dict(log_axis("training loss (nats per answer byte, log)", all_curves), anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=100))
     return fig
 
 
@@ -688,7 +771,7 @@ def eckart_young_gd_figure(ranks, errors, bounds, active_r=None, stride=10):
         t = np.unique(np.r_[np.arange(0, e.size, stride), e.size - 1])
         excess = np.maximum(e[t] - bounds[r], 1e-16)
         traces = [
-            go.Scatter(x=t, y=_g4(e[t]), mode="lines", name="‖sBA − W*‖_F, gradient descent", xaxis="x", yaxis="y",
+            go.Scatter(x=t, y=_g4(e[t]), mode="lines", name="‖sBA − W*‖<sub>F</sub>, gradient descent", xaxis="x", yaxis="y",
                        line=dict(color=COLORS["blue"]), hovertemplate="step %{x}: %{y:.4g}<extra></extra>"),
             go.Scatter(x=[0, int(t[-1])], y=[bounds[r]] * 2, mode="lines", name="Eckart–Young bound", xaxis="x",
                        yaxis="y", line=dict(color=COLORS["red"], dash="dash"),
@@ -696,19 +779,21 @@ def eckart_young_gd_figure(ranks, errors, bounds, active_r=None, stride=10):
             go.Scatter(x=t, y=_g4(excess), mode="lines", name="excess over the bound", xaxis="x2", yaxis="y2",
                        line=dict(color=COLORS["green"]), hovertemplate="step %{x}: %{y:.2e}<extra></extra>"),
         ]
+        gap = e[-1] - bounds[r]
+        where = (f"{gap:.1e} above it" if gap > 1e-14 else
+                 "on it to float64 rounding" + (f" ({gap:.0e})" if gap else ""))      # a rounding error may be < 0
         title = (f"r = {r}: from B = 0, gradient descent falls to the Eckart–Young bound {bounds[r]:.3f}"
-                 f"<br>({e[-1] - bounds[r]:.1e} above it after {e.size - 1} steps)")
+                 f"<br>({where} after {e.size - 1} steps)")
         steps.append((r, traces, title))
     top = max(max(errors[r]) for r in ranks)
     fig = stepped_figure(
         steps, "r", active=ranks.index(active_r) if active_r is not None else 0,
         xaxis=dict(title="gradient-descent step", domain=[0, 0.46]),
-        yaxis=dict(title="‖sBA − W*‖_F (same units as W*)", range=[0, 1.05 * top]),
+        yaxis=dict(title="‖sBA − W*‖<sub>F</sub> (same units as W*)", range=[0, 1.05 * top]),
         xaxis2=dict(title="gradient-descent step", domain=[0.58, 1], anchor="y2"),
         yaxis2=dict(title="error − bound (log scale)", type="log", range=[-16, math.log10(top) + 0.2],
                     dtick=2, exponentformat="power", anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=110))
     return fig
 
 
@@ -745,12 +830,12 @@ def update_spectra_figure(spectra, ranks, active_r=8):
                                      xaxis="x2", yaxis="y2", line=dict(color=color[t]),
                                      hovertemplate="r = %{x}: %{y:.3f}<extra>" + t + "</extra>"))
         at = [float(mean_e[t][min(r, mean_e[t].size) - 1]) for t in types]
-        traces.append(go.Scatter(x=[r] * len(types), y=at, mode="markers", showlegend=False, xaxis="x2", yaxis="y2",
+        traces.append(go.Scatter(x=[r] * len(types), y=at, mode="markers", name="energy kept at the slider's r", xaxis="x2", yaxis="y2",
                                  marker=dict(size=10, color=[color[t] for t in types], line=dict(color="black", width=1)),
-                                 customdata=types, hovertemplate="%{customdata}: ℰ_r = %{y:.3f}<extra></extra>"))
+                                 customdata=types, hovertemplate="%{customdata}: ℰ<sub>r</sub> = %{y:.3f}<extra></extra>"))
         kept = [float(e[min(r, e.size) - 1]) for e in energy.values()]
         steps.append((r, traces, f"At r = {r}, truncating ΔW keeps {100 * min(kept):.0f}–{100 * max(kept):.0f}% "
-                                 f"of ‖ΔW‖²_F across the {len(kept)} layers"))
+                                 f"of ‖ΔW‖²<sub>F</sub> across the {len(kept)} layers"))
     n_max = max(len(s) for s in spectra.values())
     fig = stepped_figure(
         steps, "r", active=list(ranks).index(active_r),
@@ -759,7 +844,6 @@ def update_spectra_figure(spectra, ranks, active_r=8):
         xaxis2=dict(title="rank r (log scale)", type="log", domain=[0.58, 1], anchor="y2", range=[0, math.log10(n_max)]),
         yaxis2=dict(title="energy kept ℰᵣ = Σᵢ≤ᵣ σᵢ² / Σ σᵢ² (fraction)", range=[0, 1.02], anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=110))
     return fig
 
 
@@ -795,7 +879,8 @@ def truncation_vs_lora_figure(ranks, curves, references, active_r=8):
                                  arrayminus=[b for _, b, _ in m], thickness=1, width=3),
                     hovertemplate="r = %{x}: %{y:.4g}<extra>" + label + "</extra>"))
                 at = [stats(by_r[r], key)[0]] if r in by_r else []
-                traces.append(go.Scatter(x=[r] * len(at), y=at, mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
+                traces.append(go.Scatter(x=[r] * len(at), y=at, mode="markers", name="the slider's r", legendgroup="slider",
+                                         showlegend=not any(tr.legendgroup == "slider" for tr in traces), xaxis=xa, yaxis=ya,
                                          marker=dict(size=13, color=style["color"], line=dict(color="black", width=1)),
                                          hoverinfo="skip"))
             for (label, runs), style in zip(references.items(), ref_styles):
@@ -815,11 +900,24 @@ def truncation_vs_lora_figure(ranks, curves, references, active_r=8):
         xaxis2=dict(xaxis, title="rank r (log scale)", domain=[0.58, 1], anchor="y2"),
         yaxis2=dict(title="held-out exact match (fraction of 200 dates)", range=[-0.03, 1.03], anchor="x2"),
     )
-    fig.update_layout(margin=dict(t=110))
     return fig
 
 
 # --------------------------------------------------------------------------- chapter 09
+
+
+def _best_scores_title(by_method, tasks, scale, percent):
+    """"the best scores are date 87.5% (cat), ..." naming a method only where one leads alone."""
+    unit = "%" if percent else ""
+    parts = []
+    for t in tasks:
+        top = max(by_method[m][t] for m in by_method)
+        leaders = [m for m in by_method if by_method[m][t] == top]
+        if len(leaders) == len(by_method):
+            parts.append(f"{t} {scale * top:.3g}{unit} (every method)")
+        else:
+            parts.append(f"{t} {scale * top:.3g}{unit} ({', '.join(leaders)})")
+    return "the best scores are " + ", ".join(parts)
 
 
 def task_arithmetic_figure(steps_values, scores, tasks, active=0, slider_label="γ", percent=True,
@@ -837,9 +935,7 @@ def task_arithmetic_figure(steps_values, scores, tasks, active=0, slider_label="
         traces = [go.Bar(x=methods, y=[scale * scores[v][m][t] for m in methods], name=t, marker_color=colors[i],
                          hovertemplate="%{x}: %{y:.3g}<extra>" + t + "</extra>")
                   for i, t in enumerate(tasks)]
-        best = {t: max(methods, key=lambda m, t=t: scores[v][m][t]) for t in tasks}
-        parts = [f"{t} {scale * scores[v][best[t]][t]:.3g}{'%' if percent else ''} ({best[t]})" for t in tasks]
-        steps.append((v, traces, f"{symbol} = {v:g}: the best scores are " + ", ".join(parts)))
+        steps.append((v, traces, f"{symbol} = {v:g}: " + _best_scores_title(scores[v], tasks, scale, percent)))
     top = max(scale * x for v in steps_values for by_task in scores[v].values() for x in by_task.values())
     return stepped_figure(steps, slider_label, active=active, barmode="group",
                           xaxis_title="combination method (PEFT's combination_type)",
@@ -889,7 +985,7 @@ def multi_adapter_figure(batch_sizes, times_ms, active=None):
                              line=styles[key], hovertemplate="n = %{x}: %{y:.3g} ms<extra>" + key + "</extra>")
                   for key in labels]
         q = [p / x for p, x in zip(series["merge"], series["segmented"])]
-        steps.append((m, traces, f"m = {m} adapters: merging per adapter takes {min(q):.2g}× to {max(q):.2g}× "
+        steps.append((m, traces, f"m = {m} adapter{'' if m == 1 else 's'}: merging per adapter takes {min(q):.2g}× to {max(q):.2g}× "
                                  f"the time of one segmented mixed batch"))
     all_ms = [t for s in times_ms.values() for v in s.values() for t in v]
     return stepped_figure(steps, "m (adapters in the batch)", active=len(steps) - 1 if active is None else active,

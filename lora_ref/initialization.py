@@ -28,7 +28,7 @@ __all__ = [
 # Excess kurtosis E[X^4]/Var(X)^2 - 3 of the laws an init draws from.
 _EXCESS_KURTOSIS = {"gaussian": Fraction(0), "uniform": Fraction(-6, 5)}
 _INITS = ("kaiming", "gaussian")
-_RULES = ("alpha/r", "alpha/sqrt(r)")
+_RULES = tuple(rank_scaling.SCALE_RULES)          # "alpha/r", "alpha/sqrt(r)", "alpha=2r"
 _OPTIMIZERS = ("sgd", "adam")
 
 
@@ -153,7 +153,8 @@ def first_step_exponent(optimizer, init, rule):
     ``rank_scaling.first_step_rank_exponent`` gives it for A of fixed entry scale (kaiming:
     var_a does not depend on r): 2e + 1 under SGD, e + 1 under Adam, for s = alpha r^e. The
     "gaussian" init adds its own r-dependence, var_a = 1/r^2: r^-2 under SGD (var_a), r^-1 under
-    Adam (sqrt(var_a)). Rules: "alpha/r", "alpha/sqrt(r)". Exact Fraction.
+    Adam (sqrt(var_a)). Rules: those of ``rank_scaling.SCALE_RULES`` ("alpha/r", "alpha/sqrt(r)",
+    "alpha=2r"). Exact Fraction.
 
     Book: eq-ch04-exponent (notebooks/04_initialisation).
     """

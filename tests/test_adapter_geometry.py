@@ -195,3 +195,16 @@ def test_effective_rank_and_intruder_figures_label_their_axes_and_state_a_findin
     fig = figures.intruders_forgetting_figure(points, 0.575)
     assert "intruder" in fig.layout.xaxis.title.text and "nats per byte" in fig.layout.yaxis.title.text
     assert "full, 1.90 nats/byte) has 2 intruders" in fig.layout.title.text and "41 to 45" in fig.layout.title.text
+
+
+def test_similarity_over_random_is_one_for_random_factors_and_above_for_shared_ones():
+    rng = np.random.default_rng(2)
+    k = 128
+    medians = [ag.similarity_over_random(ag.similarity_grid(rng.normal(size=(8, k)), rng.normal(size=(64, k)), 8, 64), k)
+               for _ in range(20)]
+    assert abs(np.mean(medians) - 1) < 0.05                      # random subspaces: the baseline itself
+    shared = rng.normal(size=(8, k))
+    A64 = np.vstack([shared, rng.normal(size=(56, k))])          # A at r = 64 contains A at r = 8's row space
+    assert ag.similarity_over_random(ag.similarity_grid(shared, A64, 8, 64), k) > 2
+    with pytest.raises(ValueError, match="j_from"):
+        ag.similarity_over_random(np.ones((8, 10)), k, j_from=17)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,15 @@ def test_chapters_are_named_NN_topic():
         assert re.fullmatch(r"\d\d_[a-z0-9_]+", nb.stem), nb.name
 
 
-def test_colab_is_configured_for_the_one_repository():
+REF = str(CONFIG["repository"]["branch"])          # the release the book is pinned to (tools/publish.py)
+
+
+def test_colab_is_configured_for_the_one_repository_at_one_release():
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
     assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", REPO)
-    assert CONFIG["repository"]["branch"] == "main"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert REF == f"v{version}" or re.fullmatch(r"[0-9a-f]{40}", REF), \
+        f"repository.branch is {REF!r}: pin a release tag v{version} or a commit, not a branch"
 
 
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)
@@ -54,7 +60,7 @@ def test_first_cell_installs_lora_ref_from_the_one_repository(path):
     assert first["cell_type"] == "code"
     assert "nbval-skip" in _tags(first), "nbval must skip the install cell"
     assert "remove-cell" in first["metadata"].get("tags", []), "the book must hide the install cell"
-    assert f"git+{REPO}" in src, f"install cell does not use {REPO}"
+    assert f'"lora_ref[book,qlora] @ git+{REPO}@{REF}"' in src, f"install cell does not install {REPO}@{REF}"
     urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", json.dumps(_nb(path))))
     urls |= {m.split("/blob/")[0].replace("colab.research.google.com/github", "github.com")
              for m in re.findall(r"https://colab\.research\.google\.com/github/[^)\s\"]+", json.dumps(_nb(path)))}
@@ -65,7 +71,7 @@ def test_first_cell_installs_lora_ref_from_the_one_repository(path):
 def test_chapter_links_to_itself_in_colab(path):
     text = json.dumps(_nb(path))
     slug = REPO.removeprefix("https://github.com/")
-    assert f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}" in text
+    assert f"https://colab.research.google.com/github/{slug}/blob/{REF}/notebooks/{path.name}" in text
 
 
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)

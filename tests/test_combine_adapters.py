@@ -120,6 +120,20 @@ def test_linear_adds_the_cross_terms_of_eq_ch09_linear(adapters):
         assert cross.norm() > 0.1 * (B @ A).norm()                       # not a rounding effect
 
 
+def test_linear_is_the_weighted_sum_exactly_when_its_cross_terms_cancel():
+    """prop-ch09-linear (1): large cross terms cancel for one sign of omega_2 and add for the other.
+
+    B2 = B1 and A2 = -A1: sgn(w2) B1 A2 + sgn(w1) B2 A1 = 0 for w1, w2 > 0, so linear is the weighted
+    sum although each cross term is as large as an update; with w2 < 0 they add up instead."""
+    g = torch.Generator().manual_seed(4)
+    A1, B1 = torch.randn(3, 10, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    As, Bs, s = [A1, -A1], [B1, B1.clone()], [2.0, 2.0]
+    for w, cancels in (([0.7, 0.3], True), ([0.7, -0.3], False)):
+        A, B = combine_factors(As, Bs, s, w, "linear")
+        gap = (B @ A - task_arithmetic_delta(As, Bs, s, w)).norm() / (B1 @ A1).norm()
+        assert (gap < 1e-12) if cancels else (gap > 0.5), (w, float(gap))
+
+
 def test_svd_is_the_best_rank_q_approximation_of_the_weighted_sum(adapters):
     read, s = _layer_factors([adapters[n] for n in "abc"])
     w = [0.7, -0.4, 1.3]

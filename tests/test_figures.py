@@ -1,6 +1,9 @@
 """The shared plotly builders: sliders switch precomputed traces and titles, axes are labelled."""
 
+import ast
+import inspect
 import math
+import re
 
 import plotly.graph_objects as go
 import pytest
@@ -102,3 +105,54 @@ def test_merge_regimes_figure_is_log_log_with_a_statement_title():
     for a in fig.layout.annotations:
         assert fig.layout.xaxis.range[0] <= a.x <= fig.layout.xaxis.range[1]
         assert lo <= a.y <= hi
+
+
+def test_crossover_label_sits_at_t_star_on_the_log_axis():
+    """plotly puts an annotation on a log axis at 10^x: the label's x must be log10(T*)."""
+    fig = figures.forward_cost_figure([1, 16, 256], {4: {"base": [1, 2, 3], "factored": [2, 3, 4],
+                                                         "materialised": [9, 8, 4]}}, 64, 64, 32.0)
+    (label,) = [a for a in fig.layout.annotations if "T*" in a.text]
+    assert label.x == pytest.approx(math.log10(32.0)) and label.xref == "x"
+    assert [s.x0 for s in fig.layout.shapes] == [32.0]                  # the line itself in data units
+
+
+def test_wrap_title_keeps_lines_short_and_markup_whole():
+    text = "r = 4: " + " ".join(["‖B‖<sub>F</sub>"] * 30)
+    lines = figures.wrap_title(text, width=40).split("<br>")
+    assert len(lines) > 1 and all(len(re.sub(r"<[^>]+>", "", line)) <= 40 for line in lines)
+    assert figures.wrap_title(figures.wrap_title(text)) == figures.wrap_title(text)        # idempotent
+    assert all(line.count("<sub>") == line.count("</sub>") for line in lines)
+
+
+def test_shared_layout_stacks_title_legend_plot_and_slider():
+    T = [1, 16, 256]
+    times = {r: {"base": [1, 2, 3], "factored": [2, 3, 4], "materialised": [9, 8, 4]} for r in (4, 16)}
+    fig = figures.finish_layout(figures.forward_cost_figure(T, times, 64, 64, 32.0))
+    lines = max(s.args[1]["title.text"].count("<br>") + 1 for s in fig.layout.sliders[0].steps)
+    # the top margin holds every step's title and the legend's row(s); the title hangs from the top
+    assert fig.layout.margin.t >= 12 + figures.TITLE_LINE * lines + figures.LEGEND_ROW
+    assert (fig.layout.title.yref, fig.layout.title.yanchor, fig.layout.legend.y, fig.layout.legend.yanchor) == \
+        ("container", "top", 1, "bottom")
+    slider = fig.layout.sliders[0]
+    assert slider.y == 0 and slider.yanchor == "top" and slider.pad.t >= 50       # below the x-axis title
+
+
+def test_figure_text_uses_real_subscripts():
+    """No raw ‖B‖_F, P_A, η_B, c_j in a string the figures draw (docstrings and comments may say them)."""
+    tree = ast.parse(inspect.getsource(figures))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.FunctionDef, ast.Module)) and n.body and isinstance(n.body[0], ast.Expr)}
+    raw = re.compile(r"(‖|²|\b[PcηℰσWE])_[A-Za-z0-9{]")
+    found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and id(n) not in docstrings and raw.search(n.value)]
+    assert found == [], found
+
+
+def test_every_drawn_trace_has_a_legend_entry_or_shares_one():
+    from lora_ref import rank_scaling as rs
+    runs = {opt: {rule: {r: {"loss": [1.0, 0.5], "grad_norm": [0.1 * r]} for r in (1, 4)}
+                  for rule in ("alpha/r", "alpha/sqrt(r)")} for opt in ("sgd", "adam")}
+    fig = figures.rank_sweep_figure([1, 4], runs, active_r=4)
+    shown = {t.legendgroup or t.name for t in fig.data if t.showlegend is not False}
+    silent = [t.name for t in fig.data if t.showlegend is False and (t.legendgroup or t.name) not in shown]
+    assert silent == [] and rs.SCALE_RULES

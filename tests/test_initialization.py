@@ -88,6 +88,20 @@ def test_first_step_exponent_table():
     assert (e("sgd", "kaiming", "alpha/r"), e("sgd", "kaiming", "alpha/sqrt(r)")) == (-1, 0)
     assert (e("adam", "kaiming", "alpha/r"), e("adam", "kaiming", "alpha/sqrt(r)")) == (0, Fraction(1, 2))
     assert (e("sgd", "gaussian", "alpha/r"), e("adam", "gaussian", "alpha/sqrt(r)")) == (-3, Fraction(-1, 2))
+    # a constant s (alpha = 2r) is flat under Adam with the gaussian A, and falls like 1/r under SGD
+    assert (e("adam", "gaussian", "alpha=2r"), e("sgd", "gaussian", "alpha=2r")) == (0, -1)
+    assert (e("adam", "kaiming", "alpha=2r"), e("sgd", "kaiming", "alpha=2r")) == (1, 1)
+
+
+def test_constant_scale_with_gaussian_A_keeps_adams_first_step_flat():
+    """Measured, not derived: the mean first-step size under Adam at s = 2 with sigma_A = 1/r."""
+    d = k = 64
+    rng = np.random.default_rng(5)
+    x, gy = rng.standard_normal(k), rng.standard_normal(d)
+    sizes = [np.mean([np.linalg.norm(ini.first_step_delta_y(x, gy, ln.init_lora(d, k, r, seed=i, init="gaussian")[0],
+                                                            2.0, 1e-3, "adam")) for i in range(100)])
+             for r in (2, 8, 32)]
+    assert max(sizes) / min(sizes) < 1.15
 
 
 def test_bad_inputs_name_the_value():

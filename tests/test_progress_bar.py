@@ -1,5 +1,6 @@
-"""lora_ref.tiny's training progress bar: tqdm.auto for live readers, off in the book build,
-under nbval (LORA_BOOK_QUIET=1, exported by the Makefile) and in CI (CI=true)."""
+"""lora_ref.tiny's training progress bar: tqdm.auto for live readers (Colab, a Jupyter server's
+kernel, a terminal), off in the book build, under nbval and in CI, with or without the Makefile's
+LORA_BOOK_QUIET=1 and CI=true: a kernel that nobody watches draws no bar."""
 
 import pytest
 
@@ -12,11 +13,28 @@ from lora_ref.tiny import training  # noqa: E402
 
 
 @pytest.fixture
-def live(monkeypatch):
-    """A reader's kernel: neither LORA_BOOK_QUIET nor CI set."""
-    monkeypatch.delenv("LORA_BOOK_QUIET", raising=False)
-    monkeypatch.delenv("CI", raising=False)
+def unwatched(monkeypatch):
+    """A kernel as nbval starts it with no environment set: no LORA_BOOK_QUIET, no CI, no front end."""
+    for name in ("LORA_BOOK_QUIET", "CI", "JPY_SESSION_NAME", "COLAB_RELEASE_TAG"):
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def live(unwatched):
+    """A reader's kernel, started by a Jupyter server."""
+    unwatched.setenv("JPY_SESSION_NAME", "/home/reader/08_qlora.ipynb")
+    return unwatched
+
+
+def test_no_bar_where_nobody_watches_even_without_the_makefiles_environment(unwatched):
+    assert not training._live_reader()                     # pytest captures stderr: no terminal either
+    assert training._progress_bar(5, enabled=True) is None
+
+
+def test_colab_counts_as_a_live_reader(unwatched):
+    unwatched.setenv("COLAB_RELEASE_TAG", "release-colab_20261201-060000_RC00")
+    assert training._live_reader()
 
 
 def test_progress_bar_is_a_tqdm_auto_bar_for_a_live_reader(live):

@@ -10,6 +10,9 @@ Two assets would come from a CDN:
   (the same version the renderer names) to ``_static/plotly.min.js`` and rewrite
   each page to load it; the MathJax 2 tag is dropped (the page already runs MathJax 3).
 
+It also serves ``book/_static`` (the book's CSS for narrow screens and ``lora-figures.js``, which
+lays the figures out for the page's real width and theme) and loads both on every page.
+
 At the end, any ``<script src>`` or stylesheet ``<link href>`` that still points off
 the site fails the build, so a new CDN dependency cannot slip in unnoticed.
 """
@@ -105,6 +108,18 @@ def on_build_finished(app, exception):
         raise ExtensionError("pages still load assets from other hosts:\n  " + "\n  ".join(offending[:20]))
 
 
+BOOK_STATIC = Path(__file__).resolve().parents[1] / "_static"    # book/_static: the book's own CSS and JS
+
+
+def on_builder_inited(app):
+    """Serve book/_static and load, on every page, the phone-safe CSS and the figure layout script."""
+    if str(BOOK_STATIC) not in app.config.html_static_path:
+        app.config.html_static_path.append(str(BOOK_STATIC))
+
+
 def setup(app):
+    app.connect("builder-inited", on_builder_inited)
+    app.add_css_file("lora-book.css")
+    app.add_js_file("lora-figures.js")
     app.connect("build-finished", on_build_finished)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -125,12 +125,31 @@ def _quiet():
     return os.environ.get("LORA_BOOK_QUIET") == "1" or os.environ.get("CI", "").lower() in ("true", "1")
 
 
-def _progress_bar(steps, enabled):
-    """A tqdm.auto bar (a widget in Jupyter, text in a terminal) for readers in a live kernel;
-    None when not ``enabled`` or when quiet (see _quiet), so the committed and checked outputs
-    hold no bar (a bar is a widget, or stderr text that changes every run).
+def _live_reader():
+    """True only where a person watches: Colab, a kernel started by a Jupyter server (JupyterLab,
+    Notebook 7 and VS Code's server mode set JPY_SESSION_NAME for each kernel), or a terminal.
+
+    A kernel that nbval, nbclient or the book build starts through jupyter_client directly has
+    none of these, so with no environment set at all it draws no bar: a widget bar's messages
+    can stall nbval's 5 s output reader, and a text bar changes a cell's output on every run.
     """
-    if not enabled or _quiet():
+    import os
+    import sys
+
+    if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
+        return True
+    if os.environ.get("JPY_SESSION_NAME"):
+        return True
+    stderr = sys.stderr
+    return bool(stderr is not None and getattr(stderr, "isatty", None) and stderr.isatty())
+
+
+def _progress_bar(steps, enabled):
+    """A tqdm.auto bar (a widget in Jupyter, text in a terminal) for a live reader (_live_reader);
+    None when not ``enabled``, when quiet (_quiet) or when nobody watches, so the committed and
+    checked outputs hold no bar.
+    """
+    if not enabled or _quiet() or not _live_reader():
         return None
     from tqdm.auto import tqdm
 

@@ -34,6 +34,11 @@ def _chapter_pages():
 CHAPTERS = _chapter_pages()
 
 
+def _all_pages():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    return [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
+
+
 @pytest.fixture(scope="module")
 def site_url():
     if not (SITE / "index.html").exists():
@@ -69,9 +74,8 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, site_url):
-    context = browser.new_context(viewport={"width": 1300, "height": 1000})
+def _new_page(browser, site_url, width):
+    context = browser.new_context(viewport={"width": width, "height": 1000 if width > 600 else 844})
     pg = context.new_page()
     pg.blocked, pg.errors = [], []
 
@@ -85,6 +89,20 @@ def page(browser, site_url):
     pg.route("**/*", route)
     pg.on("console", lambda m: m.type == "error" and not THEME_NOISE.search(m.text) and pg.errors.append(m.text))
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    return context, pg
+
+
+@pytest.fixture
+def page(browser, site_url):
+    context, pg = _new_page(browser, site_url, 1300)
+    yield pg
+    context.close()
+
+
+@pytest.fixture(params=[1280, 390], ids=["desktop-1280px", "phone-390px"])
+def sized_page(request, browser, site_url):
+    context, pg = _new_page(browser, site_url, request.param)
+    pg.width = request.param
     yield pg
     context.close()
 
@@ -154,7 +172,8 @@ def test_moving_each_slider_changes_the_figure(page, site_url, chapter):
 def test_chapter_links_to_its_notebook_in_colab(page, site_url, chapter):
     _open(page, site_url, chapter)
     hrefs = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
-    assert any(h.endswith(f"/blob/main/{chapter}.ipynb") for h in hrefs), hrefs
+    ref = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["branch"]
+    assert any(h.endswith(f"/blob/{ref}/{chapter}.ipynb") for h in hrefs), hrefs
 
 
 def test_no_built_page_shows_a_test_marker():
@@ -165,3 +184,83 @@ def test_no_built_page_shows_a_test_marker():
     assert len(pages) >= len(CHAPTERS)
     marked = [str(p.relative_to(SITE)) for p in pages if "NBVAL_" in p.read_text(errors="replace")]
     assert marked == [], f"pages that show an nbval marker: {marked}"
+
+
+# For every figure: the boxes that must not overlap, as the browser drew them (after
+# book/_static/lora-figures.js has fitted the figure to the page's width).
+LAYOUT_BOXES = """g => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect();
+                      return (r.width || r.height) ? {l: r.left, r: r.right, t: r.top, b: r.bottom} : null; };
+  const all = sel => Array.from(g.querySelectorAll(sel)).map(box).filter(Boolean);
+  const fig = box(g.querySelector('.main-svg'));
+  const size = g._fullLayout._size;
+  return {
+    fig, plotTop: fig && fig.t + size.t,
+    title: box(g.querySelector('.gtitle')), legend: box(g.querySelector('.legend')),
+    xtitles: all('.g-xtitle, .g-x2title, .g-x3title'), y2title: box(g.querySelector('.g-y2title')),
+    yticks: all('.subplot.xy .yaxislayer-above text, .subplot.xy .yaxislayer-below text'),
+    slider: all('.slider-current-value, .slider-label'),
+    modebar: box(g.querySelector('.modebar-container .modebar')),
+    shows: g._fullData.filter(t => t.visible === true).some(t =>
+             [].concat(t.y || [], ...(t.z || [])).some(v => v !== 0 && v !== null && !Number.isNaN(Number(v)))),
+  };
+}"""
+
+
+def _overlap(a, b, slack=1.0):
+    return a and b and a["l"] < b["r"] - slack and b["l"] < a["r"] - slack and a["t"] < b["b"] - slack and b["t"] < a["b"] - slack
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c.startswith("notebooks/")])
+def test_figures_lay_out_without_collisions_on_a_desktop_and_a_phone(sized_page, site_url, chapter):
+    page = sized_page
+    _open(page, site_url, chapter)
+    page.wait_for_timeout(400)                                   # lora-figures.js refits after the first draw
+    problems = []
+    graphs = page.locator(".plotly-graph-div")
+    for i in range(graphs.count()):
+        b = graphs.nth(i).evaluate(LAYOUT_BOXES)
+        where = f"figure {i}"
+        if not b["shows"]:
+            problems.append(f"{where}: opens on a state that draws nothing but zeros")
+        if b["title"] and (b["title"]["r"] > b["fig"]["r"] + 1 or b["title"]["l"] < b["fig"]["l"] - 1):
+            problems.append(f"{where}: the title is cut off ({b['title']} in {b['fig']})")
+        if b["title"] and b["title"]["b"] > b["plotTop"] + 1:
+            problems.append(f"{where}: the title runs into the plot")
+        if _overlap(b["title"], b["legend"]):
+            problems.append(f"{where}: the legend covers the title")
+        for s in b["slider"]:
+            for x in b["xtitles"]:
+                if _overlap(s, x):
+                    problems.append(f"{where}: the slider's label lies on an x-axis title")
+        if b["y2title"] and any(_overlap(b["y2title"], y) for y in b["yticks"]):
+            problems.append(f"{where}: the right panel's y-axis title lies on the left panel's tick labels")
+        if page.width < 600 and b["modebar"] and _overlap(b["modebar"], b["title"]):
+            problems.append(f"{where}: the toolbar covers the title")
+    assert problems == [], f"{page.width} px: " + "; ".join(problems[:8])
+
+
+@pytest.mark.parametrize("chapter", _all_pages())
+def test_every_page_fits_a_phone_without_sideways_scrolling(browser, site_url, chapter):
+    context, page = _new_page(browser, site_url, 390)
+    try:
+        page.goto(f"{site_url}/{chapter}.html", wait_until="load")
+        page.wait_for_timeout(300)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        wide = page.evaluate("""() => Array.from(document.querySelectorAll('.bd-article *')).filter(e => {
+            const r = e.getBoundingClientRect(); return r.right > window.innerWidth + 1 && r.width > 0 &&
+              !e.closest('table, pre, .highlight, .cell_output, mjx-container, .MathJax, .math');
+          }).slice(0, 3).map(e => e.tagName + '.' + e.className + ': ' + (e.textContent || '').slice(0, 50))""")
+        assert width <= 391, f"the page is {width} px wide at 390 px; too wide: {wide}"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("chapter", ["notebooks/06_eckart_young"])
+def test_figures_follow_the_dark_theme(page, site_url, chapter):
+    _open(page, site_url, chapter)
+    page.evaluate("document.documentElement.setAttribute('data-theme', 'dark')")
+    page.wait_for_timeout(600)
+    looks = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div')).map(g => "
+                          "[g._fullLayout.paper_bgcolor, g._fullLayout.font.color])")
+    assert looks and all(bg in ("rgba(0, 0, 0, 0)", "rgba(0,0,0,0)") and font != "#2a3f5f" for bg, font in looks), looks
