@@ -102,7 +102,7 @@ def log_axis(title, values, pad=0.15):
 # and the margins in the browser for the width the page really has (a 390 px phone, say), stacks
 # side-by-side panels there, and follows the page's dark theme.
 TITLE_CHARS = 84          # characters of 15 px Helvetica in one line of the book's text column
-LEGEND_WIDTH = 720        # px of that column for legend entries
+LEGEND_WIDTH = 650        # px of that column for legend entries (a margin for wider glyphs)
 TITLE_LINE, LEGEND_ROW = 20, 22
 
 
@@ -133,7 +133,7 @@ def _legend_rows(fig):
         key = trace.legendgroup or trace.name
         if key not in seen:
             seen.add(key)
-            widths.append(40 + 7 * len(re.sub(r"<[^>]+>", "", trace.name)))
+            widths.append(44 + 8 * len(re.sub(r"<[^>]+>", "", trace.name)))
     if not widths:
         return 0
     rows, used = 1, 0
@@ -161,7 +161,7 @@ def finish_layout(fig):
     top = 12 + TITLE_LINE * max(lines) + (LEGEND_ROW * rows + 8 if rows and legend_on_top else 0) + 8
     fig.update_layout(
         margin=dict(t=top),
-        title=dict(yref="container", y=1, yanchor="top", pad=dict(t=12), x=0, xanchor="left", xref="container"),
+        title=dict(yref="container", y=1, yanchor="top", pad=dict(t=12, l=10), x=0, xanchor="left", xref="container"),
     )
     if legend_on_top:
         fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=1, yanchor="bottom", yref="paper"))

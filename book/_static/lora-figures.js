@@ -55,13 +55,15 @@
       update["xaxis2.domain"] = [0, 1];
       update["yaxis.domain"] = [0.62, 1];
       update["yaxis2.domain"] = [0, 0.38];
-      update.height = Math.round(orig.height * 1.7);
+      update.height = Math.round(orig.height * 1.7 + 60);
+      gd.style.height = update.height + "px";      // the renderer fixed the div's height: let it grow
     } else {
       update["xaxis.domain"] = orig.x;
       update["xaxis2.domain"] = orig.x2;
       update["yaxis.domain"] = orig.y;
       update["yaxis2.domain"] = orig.y2;
       update.height = orig.height;
+      gd.style.height = orig.height + "px";
     }
   }
 
@@ -104,6 +106,7 @@
     theme(gd, update);
     var fontSize = (L.title && L.title.font && L.title.font.size) || 15;
     var chars = Math.max(22, Math.floor((gd.clientWidth - 24) / (0.56 * fontSize)));
+    if (L.title && L.title.pad && L.title.pad.l < 10) update["title.pad.l"] = 10;   // the first letter off the edge
     var text = L.title && L.title.text;
     if (text) {
       var wrapped = wrap(text, chars);

@@ -201,8 +201,11 @@ LAYOUT_BOXES = """g => {
     yticks: all('.subplot.xy .yaxislayer-above text, .subplot.xy .yaxislayer-below text'),
     slider: all('.slider-current-value, .slider-label'),
     modebar: box(g.querySelector('.modebar-container .modebar')),
-    shows: g._fullData.filter(t => t.visible === true).some(t =>
-             [].concat(t.y || [], ...(t.z || [])).some(v => v !== 0 && v !== null && !Number.isNaN(Number(v)))),
+    shows: g._fullData.filter(t => t.visible === true).some(t => {
+             const vals = a => a == null ? [] : ArrayBuffer.isView(a) ? Array.from(a)
+                             : Array.isArray(a) ? a.flatMap(vals) : [a];
+             return vals(t.y).concat(vals(t.z)).some(v => v !== 0 && v !== null && Number.isFinite(Number(v)));
+           }),
   };
 }"""
 
