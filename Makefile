@@ -56,8 +56,9 @@ execute: $(VENV)
 text: $(VENV)
 	$(PY) tools/notebook_text.py
 
+# The unit tests alone: the browser test needs a built book (make browser, after make book).
 unit: $(VENV)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/browser
 
 # nbval compares the outputs of the cells tagged nbval-check-output with the committed ones.
 NBVAL := $(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
@@ -92,6 +93,7 @@ bench: $(VENV)
 	$(PY) benchmarks/bench_lora_linear.py
 	$(PY) benchmarks/bench_backward.py
 	$(PY) benchmarks/bench_multi_adapter.py
+	$(PY) benchmarks/bench_nf4.py
 
 bench-quick: $(VENV)
 	$(PY) benchmarks/bench_lora_linear.py --quick

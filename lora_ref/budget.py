@@ -35,7 +35,7 @@ from .targets import LINEAR_MODULES
 
 __all__ = [
     "LINEAR_MODULES", "BYTES_PER_PARAM", "MemoryEstimate", "LinearShape",
-    "available_configs", "load_config", "linear_shapes", "resolve_targets",
+    "available_configs", "load_config", "linear_shapes", "resolve_targets", "selected_linears",
     "lora_param_count", "module_subsets", "CountMatch", "search_lora_counts",
     "decoder_linear_param_count", "base_param_breakdown", "base_param_count", "adapter_bytes",
     "nf4_bits_per_param", "OPTIMIZER_SCHEMES", "bytes_per_param", "full_finetune_memory",
@@ -43,10 +43,13 @@ __all__ = [
     "forward_macs", "materialise_crossover_tokens",
 ]
 
-# Where the seven linear layers sit in one decoder layer of a Hugging Face Llama, Mistral or
+# Where the seven linear layers sit in decoder layer i of a Hugging Face Llama, Mistral or
 # Qwen2: the names that target_modules is matched against (lora_ref.targets, PEFT's rule).
-_LAYER_NAMES = {m: f"model.layers.0.{'self_attn' if m in _targets.NAMED_SETS['attention'] else 'mlp'}.{m}"
-                for m in LINEAR_MODULES}
+def _full_name(i, m):
+    return f"model.layers.{i}.{'self_attn' if m in _targets.NAMED_SETS['attention'] else 'mlp'}.{m}"
+
+
+_LAYER_NAMES = {m: _full_name(0, m) for m in LINEAR_MODULES}
 
 # Bytes per stored number, by dtype.
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
@@ -199,25 +202,39 @@ def resolve_targets(target_modules):
     return tuple(m for m, full in _LAYER_NAMES.items() if full in chosen)
 
 
+def selected_linears(config, target_modules):
+    r"""Every (layer index, module) of a model that ``target_modules`` selects, in model order.
+
+    The names matched are the full ones, "model.layers.{i}.mlp.gate_proj" for every decoder
+    layer i, as PEFT matches them, so a layer-indexed regex such as
+    r".*layers\.1\.mlp\.(gate|up|down)_proj" selects the MLP of layer 1 only. Raises when
+    nothing is selected, naming what the layers' names end in.
+    """
+    n_layers = _get_dim(config, "num_hidden_layers")
+    names = {_full_name(i, m): (i, m) for i in range(n_layers) for m in LINEAR_MODULES}
+    return tuple(names[n] for n in _targets.select(list(names), target_modules))
+
+
 # ----------------------------------------------------------------------------- parameter counts
 
 def lora_param_count(config, r, target_modules):
-    """Trainable LoRA parameters:  n_layers * sum_targets r (d + k).
+    """Trainable LoRA parameters:  sum over the adapted layers of r (d + k), which is
+    n_layers * sum_targets r (d + k) when every decoder layer is adapted alike.
 
-    A: (r, k) has r k entries and B: (d, r) has d r.
+    A: (r, k) has r k entries and B: (d, r) has d r. The layers are those PEFT adapts
+    (``selected_linears``), a layer-indexed regex included.
     Llama-3.1-8B, r=16: "qv" 6,815,744; "attention" 13,631,488; "all-linear" 41,943,040.
 
     Book: eq-ch01-lora (notebooks/01_cost_of_finetuning).
     """
     _checks.check_rank(r)
-    n_layers = _get_dim(config, "num_hidden_layers")
     shapes = linear_shapes(config)
-    per_layer = 0
-    for name in resolve_targets(target_modules):
+    total = 0
+    for _, name in selected_linears(config, target_modules):
         d, k = shapes[name]
         _checks.check_rank(r, d, k)                   # rank(B A) <= min(d, k)
-        per_layer += r * (d + k)                      # |A| + |B| = r k + d r
-    return n_layers * per_layer
+        total += r * (d + k)                          # |A| + |B| = r k + d r
+    return total
 
 
 def module_subsets():
@@ -562,14 +579,13 @@ def _nf4_matrix_bytes(n, blocksize, dq_blocksize):
 
 def _adapter_tensor_sizes(config, r, target_modules):
     """Entries of every LoRA tensor: r k for A (r, k) and d r for B (d, r), per target per layer."""
-    n_layers = _get_dim(config, "num_hidden_layers")
     shapes = linear_shapes(config)
     sizes = []
-    for name in resolve_targets(target_modules):
+    for _, name in selected_linears(config, target_modules):
         d, k = shapes[name]
         _checks.check_rank(r, d, k)
         sizes += [r * k, d * r]                           # |A|, |B|
-    return sizes * n_layers
+    return sizes
 
 
 def qlora_training_memory(config, r, target_modules="all-linear", optimizer="PagedAdamW8bit",

@@ -260,8 +260,7 @@ def model_swap_macs(config, r, target_modules):
     Book: eq-ch09-swap (notebooks/09_production).
     """
     shapes = budget.linear_shapes(config)
-    n_layers = config["num_hidden_layers"]
-    return n_layers * sum(swap_macs(shapes[m].d, shapes[m].k, r) for m in budget.resolve_targets(target_modules))
+    return sum(swap_macs(shapes[m].d, shapes[m].k, r) for _, m in budget.selected_linears(config, target_modules))
 
 
 def _ulp(W):

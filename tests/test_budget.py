@@ -448,3 +448,23 @@ def test_forward_macs_bad_input():
         budget.forward_macs(1, 4, 4, 2, "fused")
     with pytest.raises(ValueError, match=r"T must be a positive integer, got T=0"):
         budget.forward_macs(0, 4, 4, 2)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("targets", [
+    r".*layers\.1\.mlp\.(gate|up|down)_proj",            # one layer's MLP
+    r".*layers\.(0|3)\.self_attn\.(q|v)_proj",           # q and v of two layers
+    r"model\.layers\.\d+\.self_attn\.o_proj",             # a regex over every layer
+    ["layers.2.mlp.down_proj", "q_proj"],                 # a list with a layer-indexed suffix
+])
+def test_layer_indexed_targets_count_what_peft_trains(targets):
+    """budget matches full module names of every layer, as PEFT does, so the counts agree."""
+    peft = pytest.importorskip("peft")
+    cfg = dict(budget.load_config("llama-3.1-8b"), num_hidden_layers=4)
+    model = peft.get_peft_model(_meta_model(cfg), peft.LoraConfig(r=8, target_modules=targets))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert budget.lora_param_count(cfg, 8, targets) == trainable
+    adapted = {n.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.") for n, _ in model.named_parameters()
+               if ".lora_A." in n}
+    block = lambda m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"     # noqa: E731
+    assert {f"model.layers.{i}.{block(m)}.{m}" for i, m in budget.selected_linears(cfg, targets)} == adapted

@@ -7,7 +7,7 @@
 
 `_config.yml` keeps the repository's address (repository.url) and the release (repository.branch,
 which Jupyter Book's launch buttons open). This script writes both, then rewrites in every
-notebook the install cell, `pip install "lora_ref[book,qlora] @ git+URL@REF"`, and the link
+notebook the install cell, `pip install "lora_ref[EXTRAS] @ git+URL@REF"`, and the link
 `https://colab.research.google.com/github/OWNER/NAME/blob/REF/notebooks/NN_topic.ipynb`, keeping
 the committed outputs, and the text twins. A reader who opens a chapter in Colab then installs
 the lora_ref that the page was built from. A branch name is refused: a branch moves.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import notebook_text  # noqa: E402  (tools/ is not a package)
 
-SPEC = re.compile(r"(lora_ref\[book,qlora\] @ git\+)([^\s\"'@]+)(@[^\s\"']+)?")
+SPEC = re.compile(r"(lora_ref\[[\w,]+\] @ git\+)([^\s\"'@]+)(@[^\s\"']+)?")
 COLAB = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[^/\s)\"]+/")
 GITHUB = re.compile(r"https://github\.com/([\w.-]+)/([\w.-]+)")
 
