@@ -94,7 +94,7 @@ def similarity_over_random(grid, k, j_from=17):
     grid: (i_max, j_max), the [i-1, j-1] entry phi(i, j), as from ``similarity_grid``; k: the
     input width; E[phi] = max(i, j) / k (``random_subspace_similarity``). 1 means "as a random
     subspace would", away from the top directions.
-    Book: the subspace-similarity heatmaps (notebooks/07_trained_adapters).
+    Book: eq-ch07-phi-random (notebooks/07_trained_adapters).
     """
     grid = np.asarray(grid, dtype=np.float64)
     if grid.ndim != 2 or not 1 <= j_from <= grid.shape[1]:
