@@ -22,7 +22,7 @@ export LORA_BOOK_QUIET := 1
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 
-.PHONY: all setup book serve execute text test unit nbval browser bench bench-quick assignments clean
+.PHONY: all setup book serve execute text test unit lint nbval browser bench bench-quick assignments clean
 
 all: book
 	@echo
@@ -56,6 +56,12 @@ execute: $(VENV)
 text: $(VENV)
 	$(PY) tools/notebook_text.py
 
+# ruff ([tool.ruff] in pyproject.toml), and the text twins in step with their notebooks.
+LINTED := lora_ref tests tools benchmarks book/_ext
+lint: $(VENV)
+	.venv/bin/ruff check $(LINTED)
+	$(PY) tools/notebook_text.py --check
+
 # The unit tests alone: the browser test needs a built book (make browser, after make book).
 unit: $(VENV)
 	$(PY) -m pytest -q tests --ignore=tests/browser
@@ -77,6 +83,7 @@ browser: $(VENV)
 	$(PY) -m pytest -q tests/browser
 
 test: $(VENV)
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q tests --ignore=tests/browser
 	$(NBVAL) $(NOTEBOOKS)
 	$(PLAIN_NBVAL) $(NOTEBOOKS)

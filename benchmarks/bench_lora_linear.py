@@ -272,7 +272,7 @@ def time_setup(setup, reps, target_rep_s=None, max_seconds=None, min_reps=4, war
         for p in v.params:
             p.grad = None
 
-    nested = lambda f: {name: {mode: f((name, mode)) for mode in MODES} for name in setup.variants}  # noqa: E731
+    nested = lambda f: {name: {mode: f((name, mode)) for mode in MODES} for name in setup.variants}
     median = t.median
     return {
         "reps": t.reps,
@@ -289,7 +289,7 @@ def bench_shape(d, r, T, reps, max_seconds=None, check=True, **time_kwargs):
         check_same_outputs(setup)
     t = time_setup(setup, reps, max_seconds=max_seconds, **time_kwargs)
     def ms(tree):                                     # seconds -> milliseconds, numbers or lists
-        scale = lambda v: [1e3 * s for s in v] if isinstance(v, list) else 1e3 * v  # noqa: E731
+        scale = lambda v: [1e3 * s for s in v] if isinstance(v, list) else 1e3 * v
         return {name: {mode: scale(v) for mode, v in modes.items()} for name, modes in tree.items()}
 
     return {

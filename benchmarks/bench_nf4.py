@@ -92,7 +92,7 @@ def bench_size(n, reps=15, threads=2, target_rep_s=TARGET_REP_S):
 
 def format_row(rec):
     m = rec["median_ms"]
-    gbs = lambda ms: 4 * rec["n"] / (ms * 1e-3) / 1e9          # noqa: E731  output GB/s
+    gbs = lambda ms: 4 * rec["n"] / (ms * 1e-3) / 1e9 # output GB/s
     verdict = "PASS" if rec["ratio"] <= TARGET_RATIO else "MISS"
     return (f"{rec['n']:>10,} {m['lora_ref']:>10.3f} {m['bitsandbytes']:>14.3f} {rec['ratio']:>7.2f}  "
             f"{gbs(m['lora_ref']):>6.2f} {gbs(m['bitsandbytes']):>6.2f}  {verdict}")

@@ -26,8 +26,8 @@ import itertools
 import json
 import types
 from collections.abc import Mapping
-from typing import NamedTuple
 from importlib import resources
+from typing import NamedTuple
 
 from . import _checks
 from . import targets as _targets

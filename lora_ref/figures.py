@@ -431,7 +431,7 @@ def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
         fig.add_annotation(x=math.log10(lo), y=math.log10(min(nonzero)), text="this chapter's adapter",
                            showarrow=False, xanchor="right", yanchor="bottom")
     j = min(range(len(rel_sizes)), key=lambda i: abs(math.log10(rel_sizes[i] / at)))
-    pct = lambda e: f"{100 * e:.0f}%" if e >= 0.1 else f"{100 * e:.2g}%"      # noqa: E731
+    pct = lambda e: f"{100 * e:.0f}%" if e >= 0.1 else f"{100 * e:.2g}%"
     parts = ", ".join(f"{name} {pct(errs[j])}" for name, errs in errors.items())
     fig.update_layout(
         title_text=f"The smaller the update, the more of it a merge loses.<br>At ‖ΔW‖ / ‖W0‖ = {rel_sizes[j]:.0e}, "
@@ -485,9 +485,8 @@ def rank_sweep_figure(ranks, runs, active_r=64):
     """Loss curves of the rank sweep (left) and the adapters' gradient norm at step 0 against r (right);
     the slider picks r. runs: {optimizer: {rule: {r: {"loss": [...], "grad_norm": [...]}}}}
     (lora_ref.rank_scaling.rank_sweep, or the chapter's JSON with string keys r)."""
-    from plotly.subplots import make_subplots
 
-    get = lambda by_r, r: by_r[r] if r in by_r else by_r[str(r)]          # noqa: E731
+    get = lambda by_r, r: by_r[r] if r in by_r else by_r[str(r)]
     styles = {"alpha/r": dict(dash="solid"), "alpha/sqrt(r)": dict(dash="dot")}
     colors = {"sgd": COLORS["blue"], "adam": COLORS["orange"]}
     grad = {rule: [get(runs["sgd"][rule], r)["grad_norm"][0] for r in ranks] for rule in runs["sgd"]}
@@ -633,7 +632,7 @@ def gradient_norms_figure(rec, steps_shown):
 
     labels = [_layer_label(n) for n in rec["layers"]]
     gA, gB = np.asarray(rec["grad_A"]), np.asarray(rec["grad_B"])            # (steps, layers)
-    total = lambda a: np.sqrt((np.asarray(a) ** 2).sum(axis=1))              # noqa: E731
+    total = lambda a: np.sqrt((np.asarray(a) ** 2).sum(axis=1))
     ratio = total(gA) / total(gB)
     norm_B = total(rec["norm_B"])
     moved = np.divide(total(rec["moved_A"]), norm_B, out=np.full(norm_B.shape, np.nan), where=norm_B > 0)
@@ -692,7 +691,7 @@ def step_projection_figure(ranks, per_rank, widths, active_r=8):
             go.Scatter(x=labels, y=expected, mode="markers", name="√(r/k)", marker=dict(symbol="line-ew-open", size=14,
                        color=COLORS["red"], line=dict(width=2)), hovertemplate="%{x}: %{y:.3f}<extra>√(r/k)</extra>"),
         ]
-        mean = lambda v: sum(v) / len(v)                                      # noqa: E731
+        mean = lambda v: sum(v) / len(v)
         title = (f"r = {r}: LoRA's first step reaches cosine {mean(row['cosine']):.2f} with full fine-tuning's "
                  f"(mean over layers);<br>a random A keeps {100 * mean(row['fraction']):.0f}% of ‖G‖, "
                  f"the best rank-{r} subspace {100 * mean(row['best']):.0f}%")
@@ -868,7 +867,7 @@ def truncation_vs_lora_figure(ranks, curves, references, active_r=8):
     steps = []
     for r in ranks:
         traces = []
-        for key, xa, ya, fmt in metrics:
+        for key, xa, ya, _fmt in metrics:
             for (label, by_r), style in zip(curves.items(), styles):
                 rs_ = [q for q in ranks if q in by_r]
                 m = [stats(by_r[q], key) for q in rs_]

@@ -15,9 +15,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import _checks
+from . import _checks, rank_scaling
 from . import numpy as ln
-from . import rank_scaling
 
 __all__ = [
     "ba_second_moment", "a_variance", "excess_kurtosis_of", "ba_excess_kurtosis", "peft_false_ba_variance",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _checks, targets
-from .numpy import gaussian_a_std, kaiming_a_bound       # plain numbers: one definition for both backends
+from .numpy import gaussian_a_std, kaiming_a_bound  # plain numbers: one definition for both backends
 
 __all__ = [
     "scaling",

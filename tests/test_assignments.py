@@ -261,7 +261,7 @@ def test_leak_search_finds_a_solution_line_and_a_hidden_test(built, tmp_path):
     nb_path = copy / _notebook_name(chapter)
     nb = nbformat.read(nb_path, as_version=4)
     q = next(iter(_spec_of(chapter)["questions"].values()))
-    solution_line = next(l.strip() for l in q["solution"].splitlines() if len(l.split("#")[0].strip()) >= 10)
+    solution_line = next(line.strip() for line in q["solution"].splitlines() if len(line.split("#")[0].strip()) >= 10)
     nb.cells.append(nbformat.v4.new_code_cell(solution_line))
     nbformat.write(nb, nb_path)
     kinds = {what for what, _, _ in leaks(copy, chapter)}
@@ -350,7 +350,7 @@ def drift(chapter_path, student_dir):
                 and (m := re.search(r"^## Question \d+ \(`([\w-]+)`\)", c.source, re.M))]
     if [m[1] for _, m in headings] != [q[0] for q in chapter]:
         problems.append(f"questions {[m[1] for _, m in headings]} != exercises {[q[0] for q in chapter]}")
-    for (i, m), (label, text, checker, kwargs, args) in zip(headings, chapter):
+    for (i, _m), (label, text, checker, kwargs, args) in zip(headings, chapter):
         if ROLE.sub(r"`\1`", text) not in nb.cells[i].source:
             problems.append(f"{label}: the question's text is not the chapter's")
         signature = inspect.signature(getattr(exercises, checker)).bind(None, *args, **kwargs)

@@ -32,7 +32,7 @@ def _row_loop(c):
     return np.stack(rows)
 
 
-T = lambda a: torch.from_numpy(np.asarray(a))          # noqa: E731
+T = lambda a: torch.from_numpy(np.asarray(a))
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -466,5 +466,5 @@ def test_layer_indexed_targets_count_what_peft_trains(targets):
     assert budget.lora_param_count(cfg, 8, targets) == trainable
     adapted = {n.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.") for n, _ in model.named_parameters()
                if ".lora_A." in n}
-    block = lambda m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"     # noqa: E731
+    block = lambda m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
     assert {f"model.layers.{i}.{block(m)}.{m}" for i, m in budget.selected_linears(cfg, targets)} == adapted

@@ -4,7 +4,6 @@ that raises before anything is written."""
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from lora_ref import spectral
-from lora_ref.adapters import (CONFIG_NAME, WEIGHTS_NAME, combine_adapters, combine_factors, read_adapter_factors,
-                               task_arithmetic_delta)
+from lora_ref.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    combine_adapters,
+    combine_factors,
+    read_adapter_factors,
+    task_arithmetic_delta,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

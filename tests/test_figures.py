@@ -41,7 +41,7 @@ def test_memory_figure_orders_full_lora_qlora():
     fig = figures.memory_figure(CONFIGS, [8, 16])
     _check_slider(fig, 2, 3)
     full, lora, qlora = fig.data[3:6]
-    assert all(f > l > q for f, l, q in zip(full.y, lora.y, qlora.y))
+    assert all(f > lo > q for f, lo, q in zip(full.y, lora.y, qlora.y))
     assert "GB" in fig.layout.yaxis.title.text
 
 

@@ -15,7 +15,6 @@ from lora_ref import numpy as ln
 from lora_ref import torch as lt
 
 
-
 def _rand(seed, *shapes):
     rng = np.random.default_rng(seed)
     return [rng.normal(size=s) for s in shapes]

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from lora_ref import numpy as ln
 from lora_ref import torch as lt

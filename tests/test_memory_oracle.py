@@ -183,7 +183,7 @@ def _quantize_decoder_nf4(model):
     pytest.importorskip("bitsandbytes")
     from lora_ref import oracles
 
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not (isinstance(child, torch.nn.Linear) and child_name in budget.LINEAR_MODULES):
                 continue

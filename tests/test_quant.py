@@ -307,7 +307,7 @@ def test_bits_per_param_matches_bitsandbytes_storage(double_quant):
     n = 2048 * 2048                                                 # 65,536 blocks = 256 groups of 256
     w = _weights((2048, 2048), 0, 0.02)
     packed, state = _bnb_quantize(w, double_quant=double_quant)
-    nbytes = lambda t: t.numel() * t.element_size()                 # noqa: E731
+    nbytes = lambda t: t.numel() * t.element_size()
     counted = nbytes(packed) + nbytes(state.absmax)                 # codes + constants (8-bit or fp32)
     if double_quant:
         counted += nbytes(state.state2.absmax)                      # fp32 per 256 constants
@@ -443,7 +443,7 @@ def test_layer_matches_bitsandbytes_linear4bit_with_peft(d, k, r, bias, rslora):
     for key in ("y", "x", "A", "B"):
         assert got[key] is not None and ref[key] is not None, key
         # float32, with the bypass fused into one addmm here and separate ops in PEFT: a few ulps apart
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     # the NF4 base is the one bitsandbytes computes with, and it is not W0
     W0q = ours.base_layer.dequantize()
     assert torch.equal(W0q, bnbF.dequantize_4bit(theirs.base_layer.weight.data, theirs.base_layer.weight.quant_state))
@@ -587,7 +587,7 @@ def test_switching_the_bf16_flag_off_avoids_the_trap():
     layer.train()
     after = _fwd_bwd(layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight, x, grad)
     for key in ("x", "A", "B"):
-        torch.testing.assert_close(after[key], fresh[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(after[key], fresh[key], rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 # ----------------------------------------------------------------------------- merging and models

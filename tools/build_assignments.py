@@ -119,7 +119,7 @@ def read_chapter(path):
     cells = nb.cells
     title_lines = cells[1].source.splitlines()
     chapter = Chapter(name=path.stem, title=title_lines[0].removeprefix("# ").strip(),
-                      colab_line=next((l for l in title_lines if l.startswith("[Open this chapter in Colab]")), ""),
+                      colab_line=next((line for line in title_lines if line.startswith("[Open this chapter in Colab]")), ""),
                       install_source=cells[0].source)
     for i, cell in enumerate(cells):
         if cell.cell_type != "markdown":

@@ -25,9 +25,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from lora_ref import tiny  # noqa: E402
+from lora_ref import tiny
 
 # Pretraining recipe (changing any of these changes the shipped weights).
 CORPUS_BYTES = 400_000

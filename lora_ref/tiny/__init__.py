@@ -18,8 +18,7 @@ Every public name is also available here: ``from lora_ref import tiny; tiny.trai
 from .data import TASKS, corpus, corpus_batches, make_batch, task_examples
 from .model import CONFIG, EOS, EOS_ID, MODEL_DIR, PAD_ID, build_tiny_llama, decode, encode, load_tiny_llama
 from .runs import RECIPE, Recipe, evaluate, held_out_text, standard_fine_tune, weight_updates
-from .training import (exact_match, fine_tune, generate, loss_per_byte, lr_factor, text_loss_per_byte, train,
-                       train_steps)
+from .training import exact_match, fine_tune, generate, loss_per_byte, lr_factor, text_loss_per_byte, train, train_steps
 
 __all__ = [
     "MODEL_DIR", "CONFIG", "PAD_ID", "EOS", "EOS_ID", "TASKS",
