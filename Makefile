@@ -62,9 +62,10 @@ lint: $(VENV)
 	.venv/bin/ruff check $(LINTED)
 	$(PY) tools/notebook_text.py --check
 
-# The unit tests alone: the browser test needs a built book (make browser, after make book).
+# The fast unit tests, on 2 workers (pytest-xdist). The slow ones (marked `slow`: otter-grader, the
+# hub path, the export, the benchmarks) and the browser test, which needs a built book, run in make test.
 unit: $(VENV)
-	$(PY) -m pytest -q tests --ignore=tests/browser
+	$(PY) -m pytest -q -n 2 -m "not slow" tests --ignore=tests/browser
 
 # nbval compares the outputs of the cells tagged nbval-check-output with the committed ones.
 NBVAL := $(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg

@@ -35,7 +35,7 @@ ba = sys.modules["build_assignments"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ba)
 
 # otter imports traitlets code that warns about its own style; nothing here to act on.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:traitlets")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:traitlets"), pytest.mark.slow]   # otter runs
 
 OTTER = Path(sys.executable).with_name("otter")
 CHAPTERS = [p.stem for p in sorted((ROOT / "notebooks").glob("*.ipynb"))

@@ -15,6 +15,8 @@ pytest.importorskip("peft")
 
 from lora_ref.torch import LoRALinear  # noqa: E402
 
+pytestmark = pytest.mark.slow          # make unit leaves it out; make test runs it
+
 D, R, T = 64, 4, 8
 FAST = dict(target_rep_s=0.002)   # ~2 ms per repetition: a smoke run, not a measurement
 

@@ -22,6 +22,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from lora_ref import budget, hub, tiny  # noqa: E402
 from lora_ref.tiny.export import export_hf  # noqa: E402
 
+pytestmark = pytest.mark.slow          # make unit leaves it out; make test runs it
+
 STEPS, LR, R, ALPHA = 40, 5e-3, 16, 32
 
 

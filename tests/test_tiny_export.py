@@ -19,6 +19,8 @@ from lora_ref import tiny  # noqa: E402
 from lora_ref.tiny import export  # noqa: E402
 from lora_ref.tiny.__main__ import main  # noqa: E402
 
+pytestmark = pytest.mark.slow          # make unit leaves it out; make test runs it
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

@@ -55,7 +55,7 @@ def write_notebooks():
             continue
         old = nbformat.read(nb_path, as_version=4)
         new = jupytext.reads(path.read_text(), fmt=FORMAT)
-        combine_inputs_with_outputs(new, old, fmt=FORMAT)     # outputs and cell ids from the notebook
+        new = combine_inputs_with_outputs(new, old, fmt=FORMAT)   # outputs and cell ids from the notebook (returns a copy)
         nbformat.write(new, nb_path)
         print(f"updated {nb_path.relative_to(ROOT)} from {path.relative_to(ROOT)}")
 
