@@ -107,11 +107,11 @@
     var fontSize = (L.title && L.title.font && L.title.font.size) || 15;
     var chars = Math.max(22, Math.floor((gd.clientWidth - 24) / (0.56 * fontSize)));
     if (L.title && L.title.pad && L.title.pad.l < 10) update["title.pad.l"] = 10;   // the first letter off the edge
-    // axis titles wrap too: an x title to its axis's width, a y title to its height
+    // y-axis titles wrap to the axis's height (x-axis titles keep their lines: the slider is placed below them)
     Object.keys(L).forEach(function (key) {
       var ax = L[key];
-      if (!/^[xy]axis\d*$/.test(key) || !ax || !ax.title || !ax.title.text || !ax.domain) return;
-      var span = (ax.domain[1] - ax.domain[0]) * (key[0] === "x" ? L._size.w : L._size.h);
+      if (!/^yaxis\d*$/.test(key) || !ax || !ax.title || !ax.title.text || !ax.domain) return;
+      var span = (ax.domain[1] - ax.domain[0]) * L._size.h;
       var size = (ax.title.font && ax.title.font.size) || 14;
       var wrappedAxis = wrap(ax.title.text, Math.max(16, Math.floor(span / (0.56 * size))));
       if (wrappedAxis !== ax.title.text) update[key + ".title.text"] = wrappedAxis;
