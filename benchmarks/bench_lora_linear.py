@@ -45,11 +45,7 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -61,6 +57,8 @@ from torch import nn
 from lora_ref import oracles
 from lora_ref.timing import time_interleaved
 from lora_ref.torch import LoRALinear, init_lora
+
+import _cli
 
 VARIANTS = ("lora_ref", "peft", "base", "naive")
 MODES = ("fwd", "fb")
@@ -398,76 +396,30 @@ def check_targets(records):
     return out
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def header():
-    peft = _import_peft()
-    return [
-        f"torch {torch.__version__}, peft {peft.__version__}, python {platform.python_version()}",
-        f"threads: torch.get_num_threads()={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical cores visible)",
-    ]
-
-
 def shapes_for(quick):
     dims = DIMS[:1] if quick else DIMS
     return [(d, r, T) for d in dims for r in RANKS for T in TOKENS]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="d=1024 only, fewer reps (smoke run)")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="repetitions per shape (default 15, --quick 5); taken as given, not cut for big shapes")
-    ap.add_argument("--max-shape-seconds", type=float, default=25.0,
-                    help="when --reps is not given, cut the reps of slow shapes to about this many seconds (min 4)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--json", metavar="PATH", help="dump all results (with every sample) to this file")
+    ap = _cli.parser(__doc__, reps="repetitions per shape (default 15, --quick 5); taken as given, not cut for big shapes",
+                     quick="d=1024 only, fewer reps (smoke run)", max_shape_seconds=25.0)
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
     reps = args.reps if args.reps is not None else (5 if args.quick else 15)
     max_seconds = None if args.reps is not None else args.max_shape_seconds
-
-    t_start = time.perf_counter()
-    for line in header():
-        print(line)
-    print(f"float32, alpha={ALPHA:g} (s = alpha/r), B ~ N(0, {B_STD}^2), bias=True, x.requires_grad=True; "
-          f"median of reps, {TARGET_REP_S * 1e3:.0f} ms per rep target")
-    print("ratios < 1 mean lora_ref is faster; naive/ref > 1 means the naive merge is slower\n")
-    print(TABLE_HEADER)
-    print("-" * len(TABLE_HEADER))
-    records = []
-    for d, r, T in shapes_for(args.quick):
-        rec = bench_shape(d, r, T, reps, max_seconds=max_seconds)
-        records.append(rec)
-        print(format_row(rec), flush=True)
-
-    targets = check_targets(records)
-    wall = time.perf_counter() - t_start
-    print("\nTargets")
-    for t in targets:
-        print(f"  [{t['status']}] {t['name']}")
-        for line in t["lines"]:
-            print(f"         {line}")
-    print(f"\nwall time {wall:.1f} s")
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header(), "wall_s": wall, "records": records,
-                       "ratios": [ratios(rec) for rec in records],
-                       "paired_ratios": [ratios(rec, paired=True) for rec in records],
-                       "targets": targets}, f, indent=1)
-        print(f"results written to {args.json}")
+    _import_peft()
+    with _cli.threads(args.threads):
+        t0 = time.perf_counter()
+        _cli.print_header(["torch", "peft"],
+                          f"float32, alpha={ALPHA:g} (s = alpha/r), B ~ N(0, {B_STD}^2), bias=True, x.requires_grad=True; "
+                          f"median of reps, {TARGET_REP_S * 1e3:.0f} ms per rep target",
+                          "ratios < 1 mean lora_ref is faster; naive/ref > 1 means the naive merge is slower\n")
+        records = _cli.table(TABLE_HEADER, shapes_for(args.quick),
+                             lambda shape: bench_shape(*shape, reps, max_seconds=max_seconds), format_row)
+        targets = check_targets(records)
+        _cli.print_targets(targets)
+        _cli.finish(args.json, t0, ["torch", "peft"], records=records, ratios=[ratios(rec) for rec in records],
+                    paired_ratios=[ratios(rec, paired=True) for rec in records], targets=targets)
     return records, targets
 
 

@@ -37,10 +37,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -50,6 +46,8 @@ import torch
 from lora_ref import serving
 from lora_ref import torch as lt
 from lora_ref.timing import time_interleaved
+
+import _cli
 
 STRATEGIES = ("gathered", "segmented", "per adapter", "merge", "base")
 ADAPTERS = (1, 4, 16, 64)
@@ -151,18 +149,6 @@ def format_row(rec):
             + f" | {spread(rec):>7.0f}")
 
 
-def header():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return [f"torch {torch.__version__}, python {platform.python_version()}",
-            f"threads: torch.get_num_threads()={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-            f"CPU: {cpu} ({os.cpu_count()} logical cores visible)"]
-
-
 def shapes_for(quick):
     """(d, r, m, n) of every row of the table."""
     if quick:
@@ -171,42 +157,20 @@ def shapes_for(quick):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="d=256, r=8, m up to 16: a smoke run")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per shape (default 9, --quick 3)")
-    ap.add_argument("--max-shape-seconds", type=float, default=20.0,
-                    help="cut the repetitions of slow shapes to about this many seconds (at least 3)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (default 1: the strategies make up to 3 m small products, and on a "
-                         "shared machine waking a second thread for each can cost more than the product)")
-    ap.add_argument("--json", metavar="PATH", help="write every record, samples included, to this file")
+    ap = _cli.parser(__doc__, reps="repetitions per shape (default 9, --quick 3)", quick="d=256, r=8, m up to 16: a smoke run",
+                     max_shape_seconds=20.0, threads=1,
+                     threads_help="torch.set_num_threads (default 1: the strategies make up to 3 m small products, and on "
+                                  "a shared machine waking a second thread for each can cost more than the product)")
     args = ap.parse_args(argv)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        reps = args.reps if args.reps is not None else (3 if args.quick else 9)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 9)
+    with _cli.threads(args.threads):
         t0 = time.perf_counter()
-        for line in header():
-            print(line)
-        print(f"float32, d = k, s = {SCALING:g}, B ~ N(0, {B_STD}^2); row i uses adapter i mod m; median of reps")
-        print("ratios: time over the segmented mixed batch (x W0^T once, each adapter's bypass on its rows)\n")
-        print(HEADER)
-        print("-" * len(HEADER))
-        records = []
-        for d, r, m, n in shapes_for(args.quick):
-            rec = bench_shape(d, r, m, n, reps, max_seconds=args.max_shape_seconds)
-            records.append(rec)
-            print(format_row(rec), flush=True)
-        wall = time.perf_counter() - t0
-        print(f"\nwall time {wall:.1f} s")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"header": header(), "wall_s": wall, "records": records,
-                           "ratios": [ratios(rec) for rec in records]}, f, indent=1)
-            print(f"results written to {args.json}")
-    finally:
-        torch.set_num_threads(threads)
+        _cli.print_header(["torch"],
+                          f"float32, d = k, s = {SCALING:g}, B ~ N(0, {B_STD}^2); row i uses adapter i mod m; median of reps",
+                          "ratios: time over the segmented mixed batch (x W0^T once, each adapter's bypass on its rows)\n")
+        records = _cli.table(HEADER, shapes_for(args.quick),
+                             lambda shape: bench_shape(*shape, reps, max_seconds=args.max_shape_seconds), format_row)
+        _cli.finish(args.json, t0, records=records, ratios=[ratios(rec) for rec in records])
     return records
 
 

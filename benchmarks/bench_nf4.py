@@ -19,20 +19,20 @@ reported. Both sides allocate their output, so first-touch page faults (which do
 at 16M: 64 MB per call) are in both times.
 
 Usage:
-    python benchmarks/bench_nf4.py [--threads 2] [--reps 15] [--sizes 1048576 4194304 16777216]
+    python benchmarks/bench_nf4.py [--threads 2] [--reps 15] [--sizes 1048576 4194304 16777216] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import platform
+import time
 
 import torch
 
 from lora_ref.quant import dequantize_nf4
 from lora_ref.timing import time_interleaved
+
+import _cli
 
 SIZES = (1 << 20, 1 << 22, 1 << 24)      # 1M, 4M, 16M weights
 BLOCKSIZE = 64
@@ -102,25 +102,16 @@ HEADER = f"{'n':>10} {'lora_ref ms':>10} {'bitsandbytes ms':>14} {'ratio':>7}  {
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
+    ap = _cli.parser(__doc__, reps="interleaved repetitions (default 15)")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="numbers of weights")
     args = ap.parse_args(argv)
-
+    reps = 15 if args.reps is None else args.reps
     _bnb()
-    import bitsandbytes
-
-    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}")
-    print(f"threads {args.threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
-          f"{os.cpu_count()} logical cores, float32 output, blocksize {BLOCKSIZE}, median of {args.reps} reps")
-    print(HEADER)
-    print("-" * len(HEADER))
-    records = []
-    for n in args.sizes:
-        rec = bench_size(n, args.reps, args.threads)
-        records.append(rec)
-        print(format_row(rec), flush=True)
+    with _cli.threads(args.threads):
+        t0 = time.perf_counter()
+        _cli.print_header(["torch", "bitsandbytes"], f"float32 output, blocksize {BLOCKSIZE}, median of {reps} reps")
+        records = _cli.table(HEADER, args.sizes, lambda n: bench_size(n, reps, args.threads), format_row)
+        _cli.finish(args.json, t0, ["torch", "bitsandbytes"], records=records)
     return records
 
 

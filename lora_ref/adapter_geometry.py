@@ -4,11 +4,10 @@ measurements of the book's standard fine-tunes (notebooks/07_trained_adapters).
 * ``random_subspace_similarity`` and ``random_projected_norm`` are the closed forms that say what
   the LoRA paper's phi and Table 7 give for directions drawn at random;
 * ``similarity_grid`` is phi(A1, A2, i, j) for every i, j at once (the paper's heatmaps);
-* ``measure_update`` measures one ΔW against its W0: effective rank, amplification, intruders;
-* ``train_run`` trains one standard run (``lora_ref.tiny.standard_fine_tune``) and ``measure_run``
-  measures every adapted layer, for ``tools/precompute_ch07_adapters.py`` and the chapter's live rerun.
+* ``measure_update`` measures one ΔW against its W0: effective rank, amplification, intruders.
 
-The first four functions take NumPy arrays or torch tensors and never import torch.
+They take NumPy arrays or torch tensors and never import torch. The runs they measure are
+``lora_ref.tiny.experiments.train_run`` and ``measure_run``.
 """
 
 from __future__ import annotations
@@ -25,10 +24,6 @@ __all__ = [
     "similarity_grid",
     "similarity_over_random",
     "measure_update",
-    "lora_factors",
-    "train_run",
-    "measure_run",
-    "fine_tune_and_measure",
     "rank_correlation",
     "AMPLIFICATION_RANKS",
 ]
@@ -151,45 +146,3 @@ def rank_correlation(x, y):
         return r
 
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
-
-
-def lora_factors(model):
-    """{layer name: A (r, k)} as float64 NumPy, for every LoRA layer of a lora_ref model."""
-    from . import torch as lt
-
-    return {name: m.lora_A.detach().double().numpy() for name, m in lt.lora_modules(model).items()}
-
-
-def train_run(r, seed=0, base=None, task_scores=True, steps=None):
-    """One standard fine-tune of the tiny model (``lora_ref.tiny.standard_fine_tune``: r=None is full
-    fine-tuning, r=int LoRA at rank r), reduced to what the measurements need:
-
-    {"dw": {layer name: ΔW (d, k) float64 tensor}, "A": lora_factors (LoRA only), "scores":
-    lora_ref.tiny.evaluate's dict (only "text_loss_per_byte" when task_scores=False, which skips the
-    slower task evaluation), "losses": the training loss of every step, "loss": the last one,
-    "sec": training time}.
-    ``steps`` (default: the recipe's 300) only for quick checks.
-    """
-    from . import tiny
-
-    base = tiny.load_tiny_llama() if base is None else base
-    model, run = tiny.standard_fine_tune(r, seed=seed, base=base, steps=steps)
-    scores = (tiny.evaluate(model) if task_scores
-              else {"text_loss_per_byte": tiny.text_loss_per_byte(model, tiny.held_out_text())})
-    return {"dw": tiny.weight_updates(base, model), "A": lora_factors(model) if r is not None else {},
-            "scores": scores, "losses": run["losses"], "loss": run["losses"][-1], "sec": run["seconds"]}
-
-
-def measure_run(base, run, r, top_k=10, eps=0.5):
-    """{layer name: measure_update(W0 of ``base``, ΔW of ``run``, r)} for a ``train_run`` output."""
-    return {name: measure_update(base.get_submodule(name).weight.detach(), dw, r, top_k, eps)
-            for name, dw in run["dw"].items()}
-
-
-def fine_tune_and_measure(r, seed=0, base=None, task_scores=True, top_k=10, eps=0.5, steps=None):
-    """``train_run`` followed by ``measure_run``: the run's dict with "layers" added."""
-    from . import tiny
-
-    base = tiny.load_tiny_llama() if base is None else base
-    run = train_run(r, seed, base, task_scores, steps)
-    return {**run, "layers": measure_run(base, run, r, top_k, eps)}

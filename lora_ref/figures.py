@@ -486,17 +486,16 @@ def rank_sweep_figure(ranks, runs, active_r=64):
     the slider picks r. runs: {optimizer: {rule: {r: {"loss": [...], "grad_norm": [...]}}}}
     (lora_ref.rank_scaling.rank_sweep, or the chapter's JSON with string keys r)."""
 
-    get = lambda by_r, r: by_r[r] if r in by_r else by_r[str(r)]
     styles = {"alpha/r": dict(dash="solid"), "alpha/sqrt(r)": dict(dash="dot")}
     colors = {"sgd": COLORS["blue"], "adam": COLORS["orange"]}
-    grad = {rule: [get(runs["sgd"][rule], r)["grad_norm"][0] for r in ranks] for rule in runs["sgd"]}
-    all_loss = [v for opt in runs.values() for by_r in opt.values() for r in ranks for v in get(by_r, r)["loss"]]
+    grad = {rule: [runs["sgd"][rule][r]["grad_norm"][0] for r in ranks] for rule in runs["sgd"]}
+    all_loss = [v for opt in runs.values() for by_r in opt.values() for r in ranks for v in by_r[r]["loss"]]
     steps = []
     for r in ranks:
         traces, finals = [], {}
         for opt, by_rule in runs.items():
             for rule, by_r in by_rule.items():
-                loss = get(by_r, r)["loss"]
+                loss = by_r[r]["loss"]
                 finals[(opt, rule)] = loss[-1]
                 traces.append(go.Scatter(x=list(range(len(loss))), y=loss, mode="lines", name=f"{opt}, s = {rule}",
                                          line=dict(color=colors[opt], **styles[rule]), xaxis="x", yaxis="y",

@@ -9,16 +9,15 @@ derives from them:
   tangent space of {s B A}), the cosine between LoRA's step and full fine-tuning's, and the
   Eckart-Young bound for a rank-r step;
 * the cost of the backward pass of one layer: multiply-accumulates and the activations saved;
-* the tiny model's first steps (the gradient norms of A and B per layer) and the LoRA+ sweep.
+* ``total_norm`` and ``first_step_reaching``, to read the per-layer records of a run.
 
-The closed forms need only NumPy; the training functions import torch and ``lora_ref.tiny``
-when called.
+Everything here needs only NumPy. The runs on the tiny model (the recorded first steps, the
+weight gradients, the LoRA+ sweep) are ``lora_ref.tiny.experiments``.
 """
 
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 
@@ -28,8 +27,7 @@ from . import numpy as ln
 __all__ = [
     "central_difference_grads", "row_space_projector", "tangent_projection", "expressible_fraction",
     "step_cosine", "best_rank_fraction", "random_init_fraction_sq", "training_macs", "saved_activations",
-    "lora_model", "task_batches", "train_recorded", "weight_gradients", "loraplus_run", "loraplus_sweep",
-    "first_step_reaching", "adam_first_step", "total_norm", "first_step_geometry", "step_geometry",
+    "first_step_reaching", "adam_first_step", "total_norm", "first_step_geometry",
 ]
 
 
@@ -195,23 +193,6 @@ def first_step_geometry(grads, ranks, seed=0):
     return out
 
 
-def step_geometry(grads, model):
-    """The same for a LoRA model as it stands (B != 0 after training): per LoRA layer, the cosine of its
-    SGD step with G and the fraction of G it can express. grads: {LoRA layer name: G}, as
-    ``weight_gradients(model, batch)`` returns. Returns {"layers", "cosine", "fraction"}."""
-    from . import torch as lt
-
-    layers = lt.lora_modules(model)
-    row = {"layers": list(grads), "cosine": [], "fraction": []}
-    for name, G in grads.items():
-        m = layers[name]
-        A, B = (np.asarray(t.detach().double().numpy()) for t in (m.lora_A, m.lora_B))    # (r, k), (d, r)
-        G = np.asarray(G, dtype=np.float64)
-        row["cosine"].append(step_cosine(G, A, B, m.scaling))
-        row["fraction"].append(expressible_fraction(G, A, B))
-    return row
-
-
 # --------------------------------------------------------------------------- backward cost
 
 
@@ -260,142 +241,9 @@ def saved_activations(T, k, r=None):
     return T * k + (0 if r is None else T * r)
 
 
-# --------------------------------------------------------------------------- the tiny model
-
-
-def lora_model(base, r, alpha=None, seed=0, target_modules=None, rslora=False):
-    """A LoRA copy of ``base`` as ``lora_ref.tiny.fine_tune`` makes it: a deep copy, torch's generator
-    seeded with ``seed``, then ``lora_ref.torch.add_lora`` (defaults: the recipe's alpha and targets)."""
-    import copy
-
-    import torch
-
-    from . import torch as lt
-    from .tiny import RECIPE
-
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    return lt.add_lora(model, RECIPE.target_modules if target_modules is None else target_modules, r=r,
-                       alpha=RECIPE.lora_alpha if alpha is None else alpha, rslora=rslora)
-
-
-def task_batches(seed=0, task="date", batch_size=None, n_train=None):
-    """Endless training batches of the task, in the order ``lora_ref.tiny.train`` uses for ``seed``:
-    the recipe's training pairs (data seed 0), shuffled once with random.Random(seed), cycled."""
-    from .tiny import RECIPE, make_batch, task_examples
-
-    batch_size = RECIPE.batch_size if batch_size is None else batch_size
-    examples = task_examples("train", RECIPE.n_train if n_train is None else n_train, seed=0, task=task)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    pos = 0
-    while True:
-        yield make_batch([examples[order[(pos + i) % len(order)]] for i in range(batch_size)])
-        pos += batch_size
-
-
-def train_recorded(model, optimizer, batches, steps, warmup=10):
-    """``steps`` steps of ``lora_ref.tiny.train_steps``'s loop (its warm-up and cosine schedule, its order
-    of operations) with any optimizer over the model's LoRA factors, recording before each step, for
-    every LoRA layer (columns in ``lora_modules`` order):
-
-        grad_A, grad_B: ||dL/dA||_F, ||dL/dB||_F          moved_A: ||A - A_0||_F      norm_B: ||B||_F
-
-    Returns {"layers": [names], "loss": [...], "grad_A": (steps, n) array, ...}; the model ends in eval mode.
-    """
-    import torch
-
-    from . import torch as lt
-    from .tiny import lr_factor
-
-    _checks.check_dim("steps", steps)
-    layers = lt.lora_modules(model)
-    if not layers:
-        raise ValueError("train_recorded needs a model with LoRA layers (lora_ref.torch.add_lora)")
-    A0 = [m.lora_A.detach().clone() for m in layers.values()]
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, steps, warmup))
-    out = {"layers": list(layers), "loss": [], "grad_A": [], "grad_B": [], "moved_A": [], "norm_B": []}
-    model.train()
-    for _ in range(steps):
-        loss = model(**next(batches)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            out["grad_A"].append([float(m.lora_A.grad.norm()) for m in layers.values()])
-            out["grad_B"].append([float(m.lora_B.grad.norm()) for m in layers.values()])
-            out["moved_A"].append([float((m.lora_A - a0).norm()) for m, a0 in zip(layers.values(), A0)])
-            out["norm_B"].append([float(m.lora_B.norm()) for m in layers.values()])
-        optimizer.step()
-        sched.step()
-        out["loss"].append(loss.item())
-    model.eval()
-    for key in ("grad_A", "grad_B", "moved_A", "norm_B"):
-        out[key] = np.asarray(out[key])                       # (steps, n_layers)
-    return out
-
-
-def weight_gradients(model, batch, names=None):
-    """{name: G = dL/dW (d, k), float64} of the model's loss on one batch, for the nn.Linear layers
-    ``names``. Default: in a LoRA model, the base layer of every LoRA layer (keyed by the LoRA
-    layer's name; dL/dW0 = dL/dW since W = W0 + s B A); otherwise every layer LoRA would adapt
-    (every linear layer but the output layer). The requires_grad flags are restored and every .grad
-    is cleared."""
-    from . import torch as lt
-    from .tiny import RECIPE
-
-    if names is None:
-        lora = lt.lora_modules(model)
-        names = {n: n + ".base_layer" for n in lora} if lora else \
-            {n: n for n in lt.target_names(model, RECIPE.target_modules)}
-    else:
-        names = {n: n for n in names}
-    weights = {key: model.get_submodule(n).weight for key, n in names.items()}
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        model.train()
-        model(**batch).loss.backward()
-        return {n: w.grad.detach().double().clone() for n, w in weights.items()}
-    finally:
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(flags[id(p)])
-        model.train(was_training)
-
-
-def loraplus_run(base, r, lr_ratio, seed=0, steps=100, lr=None, alpha=None, warmup=10, task="date",
-                 n_test=None):
-    """Fine-tune a LoRA copy of ``base`` for ``steps`` steps of AdamW with LoRA+'s groups
-    (``lora_ref.torch.loraplus_optimizer``: eta_A = lr, eta_B = lr_ratio * lr), the recipe's batches
-    and schedule otherwise. Returns {"loss": [training loss per step], "test_loss": held-out loss per
-    answer byte (nats)}."""
-    import torch
-
-    from . import torch as lt
-    from .tiny import RECIPE, loss_per_byte, task_examples
-
-    model = lora_model(base, r, alpha=alpha, seed=seed)
-    opt = lt.loraplus_optimizer(model, torch.optim.AdamW, lr=RECIPE.lora_lr if lr is None else lr,
-                                loraplus_lr_ratio=lr_ratio)
-    run = train_recorded(model, opt, task_batches(seed, task), steps, warmup=warmup)
-    test = task_examples("test", RECIPE.n_test if n_test is None else n_test, seed=1, task=task)
-    return {"loss": run["loss"], "test_loss": loss_per_byte(model, test)}
-
-
-def loraplus_sweep(base, r, ratios, seeds, steps, lr, alpha=None, **kwargs):
-    """``loraplus_run`` for every ratio and seed: {ratio: {seed: run}}."""
-    return {lam: {seed: loraplus_run(base, r, lam, seed=seed, steps=steps, lr=lr, alpha=alpha, **kwargs)
-                  for seed in seeds} for lam in ratios}
-
-
 def total_norm(per_layer):
     """sqrt(sum over layers of norm^2): the Frobenius norm of all layers' matrices together, at each step.
-    per_layer: (steps, n_layers), as ``train_recorded`` returns -> (steps,)."""
+    per_layer: (steps, n_layers), as ``tiny.experiments.FactorNorms`` records -> (steps,)."""
     a = np.asarray(per_layer, dtype=np.float64)
     _checks.check_ndim("per_layer", a.shape, 2)
     return np.sqrt((a**2).sum(axis=1))

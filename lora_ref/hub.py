@@ -26,16 +26,13 @@ the device. transformers, PEFT and bitsandbytes are imported inside the function
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
-import random
 import time
-import warnings
 from typing import NamedTuple
 
 from . import budget
+from .output import quiet
 
 __all__ = ["HUB_MODEL_ENV", "DEFAULT_HUB_MODEL", "HubPlan", "hub_model_name", "should_run",
            "QLoRAResult", "qlora_fine_tune", "load_qlora_model", "disable_cpu_bf16_repack",
@@ -86,34 +83,6 @@ def should_run(gpu_available=None, default=DEFAULT_HUB_MODEL):
     return HubPlan(False, None, None,
                    f"No GPU and {HUB_MODEL_ENV} is not set, so the hub-model path is skipped: set it to a "
                    f"model name or to a directory written by `python -m lora_ref.tiny export DIR` to run it here.")
-
-
-# ----------------------------------------------------------------------------- quiet libraries
-
-
-@contextlib.contextmanager
-def _quiet():
-    """transformers without progress bars or info logs, bitsandbytes without its notices, and
-    their FutureWarnings / UserWarnings kept out of the output; all restored on exit."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    bnb_logger = logging.getLogger("bitsandbytes")
-    bnb_level = bnb_logger.level
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    bnb_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        bnb_logger.setLevel(bnb_level)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -312,8 +281,9 @@ class QLoRAResult:
     losses:            the training loss at every step (mean over the answer tokens of the batch)
     exact_match_before, exact_match_after: on the test examples, greedy
     predicted:         budget.qlora_training_memory for this model, r and optimizer (a MemoryEstimate)
-    held:              {component: bytes} that the tensors hold after the first optimizer step
-                       (held_bytes; on any device)
+    held:              {component: bytes} that the tensors hold after training (held_bytes, on any
+                       device: parameters, gradients and every optimizer state tensor, which all
+                       exist from the first step on)
     peak_bytes:        torch.cuda.max_memory_allocated over the training steps, on a GPU (loading and
                        evaluation excluded: the stats are reset just before the first step); else None
     measured_bytes:    peak_bytes on a GPU, else the sum of held
@@ -342,7 +312,7 @@ class QLoRAResult:
         """Write adapter_config.json and adapter_model.safetensors to ``directory``; returns it as a Path."""
         from pathlib import Path
 
-        with _quiet():
+        with quiet():
             self.model.save_pretrained(directory)
         return Path(directory)
 
@@ -361,30 +331,22 @@ def _optimizer(params, device, lr):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "AdamW", f"AdamW (no 8-bit optimizer on {kind})"
 
 
-def _batches(examples, batch_size, seed):
-    """Endless batches of batch_size pairs: one order shuffled with seed, cycled."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    pos = 0
-    while True:
-        yield [examples[order[(pos + i) % len(order)]] for i in range(batch_size)]
-        pos += batch_size
-
-
 def qlora_fine_tune(name_or_path, device, train_examples, test_examples, steps, *, batch_size=16, lr=2e-4,
                     r=16, alpha=32, max_grad_norm=0.3, gradient_checkpointing=True, compute_dtype=None,
                     eval_batch_size=64, seed=0):
     """QLoRA-fine-tune ``name_or_path`` on ``device`` ("cuda:0", "cpu") and report the run.
 
     train_examples, test_examples: (prompt, answer) pairs, as ``tiny.task_examples`` gives.
-    steps of ``batch_size`` pairs (shuffled with ``seed``, cycled), a constant learning rate
-    ``lr`` with gradients clipped to ``max_grad_norm`` (QLoRA's 2e-4 and 0.3 for models up to
-    13B), LoRA of rank ``r`` and scale alpha / r on all linear layers. Exact match on the test
+    steps of ``batch_size`` pairs (``tiny.example_batches`` with ``seed``, through this model's
+    tokenizer) in the book's one loop, ``tiny.train_steps``, at a constant learning rate ``lr``
+    with gradients clipped to ``max_grad_norm`` (QLoRA's 2e-4 and 0.3 for models up to 13B), LoRA of rank ``r`` and scale alpha / r on all linear layers. Exact match on the test
     pairs before and after. Returns a QLoRAResult; its ``predicted`` is the static memory of
     budget.qlora_training_memory and ``held`` the same terms measured (equal on CPU,
     tests/test_hub_qlora.py); on a GPU ``peak_bytes`` adds activations and transients.
     """
     import torch
+
+    from .tiny import example_batches, train_steps
 
     train_examples, test_examples = list(train_examples), list(test_examples)
     if not train_examples or not test_examples:
@@ -395,29 +357,27 @@ def qlora_fine_tune(name_or_path, device, train_examples, test_examples, steps, 
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
     cuda = torch.device(device).type == "cuda"
     t0 = time.perf_counter()
-    with _quiet():
+    with quiet():
         model, tokenizer = load_qlora_model(name_or_path, device, r, alpha, compute_dtype, gradient_checkpointing,
                                             seed)
         before = exact_match(model, tokenizer, test_examples, eval_batch_size)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt, opt_name, opt_how = _optimizer(params, device, lr)
-        predicted = budget.qlora_training_memory(model.config.to_dict(), r, "all-linear", optimizer=opt_name)
-        batches = _batches(train_examples, batch_size, seed)
-        losses, held = [], None
+        made = {}
+
+        def optimizer(model):
+            params = [p for p in model.parameters() if p.requires_grad]
+            made["opt"], made["name"], made["how"] = _optimizer(params, device, lr)
+            return made["opt"]
+
+        batches = example_batches(train_examples, batch_size, seed,
+                                  collate=lambda pairs: make_batch(tokenizer, pairs, device))
         if cuda:                            # the peak of training alone: not loading's transient copies
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        model.train()
-        for _ in range(steps):
-            loss = model(**make_batch(tokenizer, next(batches), device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            if held is None:
-                held = held_bytes(model, opt)                # after one step: every state tensor exists
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        run = train_steps(model, batches, steps, optimizer=optimizer, warmup=0, min_lr_frac=1.0,   # constant lr
+                          clip_norm=max_grad_norm)
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        held = held_bytes(model, made["opt"])
+        predicted = budget.qlora_training_memory(model.config.to_dict(), r, "all-linear", optimizer=made["name"])
         after = exact_match(model, tokenizer, test_examples, eval_batch_size)
-    return QLoRAResult(str(name_or_path), str(device), opt_how, losses, before, after, predicted, held, peak,
+    return QLoRAResult(str(name_or_path), str(device), made["how"], run["losses"], before, after, predicted, held, peak,
                        time.perf_counter() - t0, model, tokenizer)

@@ -6,12 +6,14 @@
 * ``energy_curve`` and ``rank_for_energy`` read how much of an update rank r keeps off
   its singular values;
 * ``critical_loss`` is the loss at a critical point of the factorised problem;
-* ``truncate_updates``, ``with_updates`` and ``truncation_scores`` truncate every ΔW of a
-  fine-tune to rank r, put W0 + ΔW_r into a copy of the base model and score it.
+* ``relative_tail`` is the Eckart-Young error of truncating every layer at once, relative to
+  the whole update, from the layers' singular values alone;
+* ``truncate_updates`` truncates every ΔW of a fine-tune to rank r (the tiny model's
+  ``tiny.experiments.with_updates`` and ``truncation_scores`` put W0 + ΔW_r into a copy of the
+  model and score it).
 
-The SVD is ``lora_ref.spectral``'s (never redone here). The math takes NumPy arrays or
-torch tensors and returns float64 NumPy; only ``with_updates`` and ``truncation_scores``
-need torch, and import it when called.
+The SVD is ``lora_ref.spectral``'s (never redone here). Everything takes NumPy arrays or
+torch tensors, returns float64 NumPy and never imports torch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import numpy as np
 from . import _checks, spectral
 from . import numpy as ln
 
-__all__ = ["fit_low_rank", "energy_curve", "rank_for_energy", "critical_loss", "truncate_updates",
-           "with_updates", "truncation_scores"]
+__all__ = ["fit_low_rank", "energy_curve", "rank_for_energy", "critical_loss", "truncate_updates", "relative_tail"]
 
 
 def _matrix(M, name):
@@ -139,36 +140,25 @@ def truncate_updates(updates, r):
     return out
 
 
-def with_updates(base, updates, rest=None):
-    """A copy of ``rest`` (default ``base``) whose named linear layers hold W0 + ΔW, W0 from ``base``.
+def relative_tail(spectra, r):
+    """The relative distance of the layer-by-layer truncation from the whole update, over all layers:
 
-    updates: {module name: ΔW (d, k)}, a NumPy array or tensor of each layer's weight shape.
-    rest: the model that gives every other parameter (for example the full fine-tune, whose
-    embeddings, norms and output layer moved too); neither model is modified.
-    The sum is formed in float64 and stored in the layer's dtype.
+        sqrt( sum_layers sum_{i > r} sigma_i^2 / sum_layers sum_i sigma_i^2 )
+          = || (ΔW_l - ΔW_l,r)_l ||_F / || (ΔW_l)_l ||_F,
+
+    by eq-ch06-eym in each layer (the squared Frobenius norms add over layers). No set of rank-r
+    updates is closer. spectra: {layer: singular values, descending}; r >= len(sigma) keeps all.
+    Book: eq-ch06-eym (notebooks/06_eckart_young).
     """
-    import copy
-
-    import torch
-
-    model = copy.deepcopy(base if rest is None else rest)
-    with torch.no_grad():
-        for name, dW in updates.items():
-            w0 = base.get_submodule(name).weight                             # (d, k)
-            dW = torch.as_tensor(_matrix(dW, f"updates[{name!r}]"))
-            if tuple(dW.shape) != tuple(w0.shape):
-                raise ValueError(f"updates[{name!r}] has shape {tuple(dW.shape)}, the layer's weight "
-                                 f"{tuple(w0.shape)}")
-            model.get_submodule(name).weight.copy_((w0.double() + dW).to(w0.dtype))   # W0 + ΔW
-    return model
-
-
-def truncation_scores(base, updates, ranks, task="date", rest=None):
-    """{r: ``tiny.evaluate`` scores of W0 + ΔW_r on every layer of ``updates``} for each r in ``ranks``.
-
-    rest=None: every other parameter is the base's, so the model differs from the base in exactly
-    the layers LoRA adapts. rest=model: the other parameters are that model's (the full fine-tune).
-    """
-    from .tiny import evaluate
-
-    return {r: evaluate(with_updates(base, truncate_updates(updates, r), rest), task) for r in ranks}
+    _checks.check_rank(r)
+    tail = total = 0.0
+    for name, sigma in spectra.items():
+        sigma = np.asarray(sigma, dtype=np.float64)
+        _checks.check_ndim(f"spectra[{name!r}]", sigma.shape, 1)
+        if np.any(sigma < 0) or np.any(np.diff(sigma) > 0) or not np.all(np.isfinite(sigma)):
+            raise ValueError(f"spectra[{name!r}] must be finite, >= 0 and descending, got {sigma}")
+        tail += float(np.sum(sigma[r:] ** 2))
+        total += float(np.sum(sigma ** 2))
+    if total == 0:
+        raise ValueError("every update is zero: the relative tail is undefined")
+    return float(np.sqrt(tail / total))

@@ -65,7 +65,6 @@ __all__ = [
     "merge_error",
     "merge_error_curve",
     "merged_copy",
-    "rounds_robustly",
 ]
 
 # The outermost quantile of NF4 is bitsandbytes' literal 0.9677083, the default offset of
@@ -719,19 +718,6 @@ def merged_copy(model, into):
         layer.base_layer = linear
         layer.merged = True
     return out
-
-
-def rounds_robustly(x, decimals, rel_tol=1e-6):
-    """True when every number within rel_tol * |x| of x prints the same at ``decimals`` decimals.
-
-    For outputs that nbval compares across CPUs: a value computed with a summation order that
-    depends on the SIMD path or the thread count moves in its last bits; printed rounded, it
-    stays the same unless it sits within that much of a rounding boundary (a ...5 in the next
-    decimal). rel_tol bounds how far the value may move.
-    """
-    scaled = abs(float(x)) * 10**decimals
-    margin = abs(scaled - math.floor(scaled) - 0.5)                 # distance to the boundary, in units
-    return margin > rel_tol * scaled
 
 
 def quantize_model_nf4(model, target_modules, r, alpha, dropout=0.0, rslora=False, init="kaiming",

@@ -27,7 +27,7 @@ from . import torch as lt
 from .adapters import read_adapter_factors
 
 __all__ = ["MultiLoRALinear", "multi_lora_model", "adapter_index", "generate_with_adapters", "serving_strategies",
-           "time_single_thread", "padding_overhead",
+           "padding_overhead",
            "swap_macs", "model_swap_macs", "swap_drift", "swap_drift_bound", "adapters_that_fit", "combined_model"]
 
 
@@ -195,24 +195,6 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
         return x @ W0.T
 
     return {"gathered": gathered, "segmented": segmented, "per adapter": per_adapter, "merge": merge, "base": base}
-
-
-def time_single_thread(fns, reps=3, min_seconds=0.002):
-    """{name: median ms per call} of zero-argument callables, timed interleaved (``timing.compare_ms``)
-    on one thread, which is restored afterwards.
-
-    One thread, because the strategies above differ in how many small products they run: with a
-    second thread on a busy machine, waking it for each small product can cost more than the
-    product, and the comparison would measure that instead.
-    """
-    from .timing import compare_ms
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return compare_ms(fns, reps=reps, min_seconds=min_seconds)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def padding_overhead(ranks, rows=None):

@@ -3,8 +3,8 @@
 The machines this book runs on are shared and noisy, so we never time one thing
 and then another: each repetition runs every candidate once, round-robin, so
 that noise falls on all of them alike, and we report the median. This module is
-the one implementation: chapter 02 calls ``compare_ms``, and both benchmarks in
-``benchmarks/`` call ``time_interleaved``.
+the one implementation: chapter 02 calls ``compare_ms``, chapter 09 ``time_single_thread``,
+and the benchmarks in ``benchmarks/`` call ``time_interleaved``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-__all__ = ["Timings", "calls_per_rep", "time_interleaved", "compare_ms"]
+__all__ = ["Timings", "calls_per_rep", "time_interleaved", "compare_ms", "time_single_thread"]
 
 MAX_CALLS_PER_REP = 1 << 16
 
@@ -107,3 +107,22 @@ def compare_ms(fns, reps=7, min_seconds=0.005):
         raise ValueError(f"reps must be >= 1, got reps={reps}")
     t = time_interleaved(fns, reps=reps, target_rep_s=min_seconds)
     return {name: 1e3 * s for name, s in t.median.items()}
+
+
+def time_single_thread(fns, reps=3, min_seconds=0.002):
+    """{name: median ms per call} of zero-argument callables, timed interleaved (``compare_ms``)
+    on one torch thread; the thread count is restored afterwards.
+
+    One thread, for candidates that differ in how many small products they run (chapter 09's
+    serving strategies): with a second thread on a busy machine, waking it for each small
+    product can cost more than the product, and the comparison would measure that instead.
+    Imports torch when called.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compare_ms(fns, reps=reps, min_seconds=min_seconds)
+    finally:
+        torch.set_num_threads(threads)

@@ -16,6 +16,9 @@ ORACLES = ("peft", "bitsandbytes", "transformers", "safetensors", "torch")
 
 
 def pytest_configure(config):
+    import lora_ref
+
+    lora_ref.quiet()            # no transformers / bitsandbytes logs or progress bars in the test output
     if os.environ.get("CI", "").lower() in ("true", "1"):
         missing = [name for name in ORACLES if importlib.util.find_spec(name) is None]
         if missing:
@@ -29,6 +32,8 @@ def load_benchmark():
     benchmarks' smoke tests. It is registered in sys.modules while the tests run (dataclasses
     look their module up there) and removed at the end of the session."""
     loaded = []
+    if str(BENCHMARKS) not in sys.path:                 # the benchmarks import their shared _cli
+        sys.path.insert(0, str(BENCHMARKS))
 
     def load(name):
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
@@ -41,14 +46,6 @@ def load_benchmark():
     yield load
     for name in loaded:
         sys.modules.pop(name, None)
-
-
-def _quiet_transformers():
-    """No info/warning logs and no progress bars from transformers."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 TINY_LLAMA = dict(
@@ -68,8 +65,6 @@ def make_tiny_llama():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _quiet_transformers()
-
     def make(seed=0, **overrides):
         torch.manual_seed(seed)
         return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
@@ -81,3 +76,35 @@ def make_tiny_llama():
 def tiny_llama(make_tiny_llama):
     """One tiny LlamaForCausalLM (seed 0), in eval mode."""
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def shipped_tiny():
+    """The shipped tiny model (``lora_ref.tiny.load_tiny_llama()``), loaded once per session.
+    Shared: a test must not modify it (``tiny.fine_tune`` and ``standard_fine_tune`` train copies)."""
+    from lora_ref import tiny
+
+    return tiny.load_tiny_llama()
+
+
+@pytest.fixture
+def peft_adapter(make_tiny_llama):
+    """A factory: peft_adapter(path, r, alpha, seed, targets=("q_proj", "v_proj"), rslora=False,
+    **model_overrides) saves a PEFT adapter on ``make_tiny_llama(**model_overrides)`` with every
+    LoRA factor drawn at random (N(0, 0.3^2), seeded, so B != 0 and the adapter acts) and returns
+    its folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    def save(path, r, alpha, seed, targets=("q_proj", "v_proj"), rslora=False, **overrides):
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora)
+        model = get_peft_model(make_tiny_llama(**overrides), config)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.save_pretrained(path)
+        return Path(path)
+
+    return save

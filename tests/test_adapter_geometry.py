@@ -1,16 +1,15 @@
 """lora_ref.adapter_geometry: the random baselines against Monte Carlo, the phi grid against the
 one-pair definition, the per-layer measurements on a short real run, and the shipped sweep."""
 
-import json
 import math
-from importlib import resources
 
 import numpy as np
 import pytest
 import torch
 
 from lora_ref import adapter_geometry as ag
-from lora_ref import spectral, tiny
+from lora_ref import shipped, spectral, tiny
+from lora_ref.tiny import experiments
 
 
 def _haar(n, m, rng):
@@ -113,7 +112,7 @@ def test_measure_update_on_a_planted_update():
 
 def test_fine_tune_and_measure_runs_the_standard_recipe():
     base = tiny.load_tiny_llama()
-    out = ag.fine_tune_and_measure(4, seed=0, base=base, task_scores=False, steps=3)
+    out = experiments.fine_tune_and_measure(4, seed=0, base=base, task_scores=False, steps=3)
     assert len(out["layers"]) == 7 * tiny.CONFIG["num_hidden_layers"] == len(out["A"])
     q = out["layers"]["model.layers.0.self_attn.q_proj"]
     assert 1.0 <= q["erank"] <= 4.0 and list(q["amplification"]) == [4]
@@ -131,7 +130,7 @@ def test_fine_tune_and_measure_runs_the_standard_recipe():
 
 @pytest.fixture(scope="module")
 def sweep():
-    return json.loads(resources.files("lora_ref").joinpath("data/ch07_adapters.json").read_text())
+    return shipped.load("ch07_adapters")
 
 
 def test_shipped_sweep_has_every_run_and_layer(sweep):

@@ -135,27 +135,14 @@ def test_pad_adapters_names_what_does_not_fit(As, Bs, r, match):
 # --------------------------------------------------------------------------- against PEFT, on a model
 
 
-def _peft_adapter(make, path, r, alpha, targets, seed):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(path)
-    return path
-
-
-def test_three_adapters_in_one_batch_give_peft_mixed_batch_logits(make_tiny_llama, tmp_path):
+def test_three_adapters_in_one_batch_give_peft_mixed_batch_logits(make_tiny_llama, peft_adapter, tmp_path):
     """Ranks 2, 4, 8; the third adapter also adapts k_proj and o_proj, so on those layers the
     others have no adapter; rows for the base model too."""
     from peft import PeftModel
 
-    dirs = [_peft_adapter(make_tiny_llama, tmp_path / "a", 2, 4, ["q_proj", "v_proj"], 1),
-            _peft_adapter(make_tiny_llama, tmp_path / "b", 4, 16, ["q_proj", "v_proj"], 2),
-            _peft_adapter(make_tiny_llama, tmp_path / "c", 8, 8, ["q_proj", "k_proj", "v_proj", "o_proj"], 3)]
+    dirs = [peft_adapter(tmp_path / "a", 2, 4, 1, ["q_proj", "v_proj"]),
+            peft_adapter(tmp_path / "b", 4, 16, 2, ["q_proj", "v_proj"]),
+            peft_adapter(tmp_path / "c", 8, 8, 3, ["q_proj", "k_proj", "v_proj", "o_proj"])]
     peft_model = PeftModel.from_pretrained(make_tiny_llama(), dirs[0], adapter_name="a")
     peft_model.load_adapter(dirs[1], adapter_name="b")
     peft_model.load_adapter(dirs[2], adapter_name="c")
@@ -201,8 +188,8 @@ def test_mixed_generation_equals_each_adapter_alone(tmp_path):
                | {tuple(tiny.generate(base, prompts[:1], 12))}) > 1           # the adapters change the text
 
 
-def test_model_without_an_index_or_with_a_wrong_one_says_so(make_tiny_llama, tmp_path):
-    d = _peft_adapter(make_tiny_llama, tmp_path / "a", 2, 4, ["q_proj"], 1)
+def test_model_without_an_index_or_with_a_wrong_one_says_so(make_tiny_llama, peft_adapter, tmp_path):
+    d = peft_adapter(tmp_path / "a", 2, 4, 1, ["q_proj"])
     model = serving.multi_lora_model(make_tiny_llama(), [d])
     ids = torch.zeros(3, 4, dtype=torch.long)
     with pytest.raises(RuntimeError, match="no adapter index"):

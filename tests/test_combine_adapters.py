@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from lora_ref import spectral
@@ -26,23 +26,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 QV = ["q_proj", "v_proj"]
 
 
-def _save_peft(make, path, r, alpha, seed, targets=QV, rslora=False, **overrides):
-    """A PEFT adapter with random A and B (seeded), saved with save_pretrained."""
-    model = get_peft_model(make(**overrides), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                         use_rslora=rslora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(path)
-    return Path(path)
-
-
 @pytest.fixture
-def adapters(make_tiny_llama, tmp_path):
+def adapters(peft_adapter, tmp_path):
     """Three plain-LoRA adapters on q_proj and v_proj: a (r=4, alpha=8), b (r=4, alpha=12), c (r=2, alpha=6)."""
-    return {name: _save_peft(make_tiny_llama, tmp_path / name, r, alpha, seed)
+    return {name: peft_adapter(tmp_path / name, r, alpha, seed)
             for name, r, alpha, seed in (("a", 4, 8, 1), ("b", 4, 12, 2), ("c", 2, 6, 3))}
 
 
@@ -161,10 +148,10 @@ def test_one_adapter_is_combined_linearly_as_in_peft(make_tiny_llama, adapters, 
     assert read_adapter_factors(tmp_path / "out")[0]["r"] == 4              # svd_rank ignored, as in PEFT
 
 
-def test_rslora_adapters_combine_to_the_weighted_sum_where_peft_overscales(make_tiny_llama, tmp_path):
+def test_rslora_adapters_combine_to_the_weighted_sum_where_peft_overscales(make_tiny_llama, peft_adapter, tmp_path):
     """PEFT 0.21.2 copies use_rslora into the combined config, so its scale is q / sqrt(q) = sqrt(q), not 1
     (fixed upstream in PR #3449). Ours keeps the weighted sum; if PEFT is fixed, the second assert says so."""
-    d = _save_peft(make_tiny_llama, tmp_path / "rs", r=4, alpha=8, seed=5, rslora=True)
+    d = peft_adapter(tmp_path / "rs", r=4, alpha=8, seed=5, rslora=True)
     own = _peft_deltas(PeftModel.from_pretrained(make_tiny_llama(), d), "default")
     ours = _ours(make_tiny_llama, [d], [1.0], tmp_path / "out", "linear")
     theirs = _peft_combination(make_tiny_llama, [d], [1.0], "linear")
@@ -217,14 +204,14 @@ def test_bad_arguments_raise_and_write_nothing(adapters, tmp_path, weights, kwar
     _refused(tmp_path, [adapters["a"], adapters["c"]], weights, tmp_path / "out", ValueError, match, **kwargs)
 
 
-def test_adapters_on_different_layers_are_refused(make_tiny_llama, adapters, tmp_path):
-    other = _save_peft(make_tiny_llama, tmp_path / "qk", 4, 8, 7, targets=["q_proj", "k_proj"])
+def test_adapters_on_different_layers_are_refused(peft_adapter, adapters, tmp_path):
+    other = peft_adapter(tmp_path / "qk", 4, 8, 7, targets=["q_proj", "k_proj"])
     _refused(tmp_path, [adapters["a"], other], [1.0, 1.0], tmp_path / "out", ValueError,
              r"adapters must adapt the same layers: .* has \[.*v_proj.*\] that .* lacks")
 
 
-def test_adapters_of_different_shapes_are_refused(make_tiny_llama, adapters, tmp_path):
-    other = _save_peft(make_tiny_llama, tmp_path / "wide", 4, 8, 7, hidden_size=16, intermediate_size=32)
+def test_adapters_of_different_shapes_are_refused(peft_adapter, adapters, tmp_path):
+    other = peft_adapter(tmp_path / "wide", 4, 8, 7, hidden_size=16, intermediate_size=32)
     _refused(tmp_path, [adapters["a"], other], [1.0, 1.0], tmp_path / "out", ValueError,
              r"updates a \(\d+, 16\) weight but .* a \(\d+, 32\) weight")
 

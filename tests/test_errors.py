@@ -13,91 +13,91 @@ from lora_ref import torch as lt
 BACKENDS = [pytest.param(ln, id="numpy"), pytest.param(lt, id="torch")]
 
 
-def _arrays(lr, *shapes):
+def _arrays(backend, *shapes):
     out = [np.ones(s) for s in shapes]
-    return [torch.from_numpy(a) for a in out] if lr is lt else out
+    return [torch.from_numpy(a) for a in out] if backend is lt else out
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_B_and_A_with_different_r_is_named(lr):
-    x, W0, A, B = _arrays(lr, (2, 5), (4, 5), (3, 5), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_B_and_A_with_different_r_is_named(backend):
+    x, W0, A, B = _arrays(backend, (2, 5), (4, 5), (3, 5), (4, 2))
     with pytest.raises(ValueError, match=r"A is \(3, 5\) = \(r, k\) and B is \(4, 2\) = \(d, r\): B has 2 columns but A has 3 rows"):
-        lr.lora_forward(x, W0, A, B, 1.0)
+        backend.lora_forward(x, W0, A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_transposed_A_is_named(lr):
-    x, W0, A, B = _arrays(lr, (2, 5), (4, 5), (5, 2), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_A_is_named(backend):
+    x, W0, A, B = _arrays(backend, (2, 5), (4, 5), (5, 2), (4, 2))
     with pytest.raises(ValueError, match=r"B has 2 columns but A has 5 rows"):
-        lr.delta_w(A, B, 1.0)
+        backend.delta_w(A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_W0_shape_mismatch_is_named(lr):
-    W0, A, B = _arrays(lr, (5, 4), (2, 5), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_W0_shape_mismatch_is_named(backend):
+    W0, A, B = _arrays(backend, (5, 4), (2, 5), (4, 2))
     with pytest.raises(ValueError, match=r"W0 is \(5, 4\) but B A is \(4, 5\)"):
-        lr.merge(W0, A, B, 1.0)
+        backend.merge(W0, A, B, 1.0)
     with pytest.raises(ValueError, match=r"W is \(5, 4\) but B A is \(4, 5\)"):
-        lr.unmerge(W0, A, B, 1.0)
+        backend.unmerge(W0, A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_x_with_wrong_width_is_named(lr):
-    x, W0, A, B = _arrays(lr, (2, 6), (4, 5), (2, 5), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x_with_wrong_width_is_named(backend):
+    x, W0, A, B = _arrays(backend, (2, 6), (4, 5), (2, 5), (4, 2))
     with pytest.raises(ValueError, match=r"x has shape \(2, 6\); its last axis must be k=5"):
-        lr.lora_forward(x, W0, A, B, 1.0)
+        backend.lora_forward(x, W0, A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_grad_y_with_wrong_shape_is_named(lr):
-    x, g, A, B = _arrays(lr, (3, 5), (3, 5), (2, 5), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_y_with_wrong_shape_is_named(backend):
+    x, g, A, B = _arrays(backend, (3, 5), (3, 5), (2, 5), (4, 2))
     with pytest.raises(ValueError, match=r"grad_y has shape \(3, 5\) but y .* has shape \(3, 4\)"):
-        lr.lora_grads(x, g, A, B, 1.0)
+        backend.lora_grads(x, g, A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("r", [0, -3])
-def test_nonpositive_r_is_rejected(lr, r):
+def test_nonpositive_r_is_rejected(backend, r):
     with pytest.raises(ValueError, match=rf"r must be a positive integer, got r={r}"):
-        lr.init_lora(4, 5, r)
+        backend.init_lora(4, 5, r)
     with pytest.raises(ValueError, match=rf"r={r}"):
-        lr.scaling(8, r)
+        backend.scaling(8, r)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_r_above_min_d_k_is_rejected(lr):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_r_above_min_d_k_is_rejected(backend):
     with pytest.raises(ValueError, match=r"r=6 exceeds min\(d, k\) = min\(4, 5\) = 4"):
-        lr.init_lora(4, 5, 6)
+        backend.init_lora(4, 5, 6)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("r", [2.0, True, "4"])
-def test_non_integer_r_is_a_type_error(lr, r):
+def test_non_integer_r_is_a_type_error(backend, r):
     with pytest.raises(TypeError, match=r"r must be an integer"):
-        lr.init_lora(4, 5, r)
+        backend.init_lora(4, 5, r)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf])
-def test_non_finite_alpha_is_rejected(lr, alpha):
+def test_non_finite_alpha_is_rejected(backend, alpha):
     with pytest.raises(ValueError, match=rf"alpha must be finite, got alpha={alpha}"):
-        lr.scaling(alpha, 4)
+        backend.scaling(alpha, 4)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_non_finite_weights_are_rejected_by_merge(lr):
-    W0, A, B = _arrays(lr, (4, 5), (2, 5), (4, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_weights_are_rejected_by_merge(backend):
+    W0, A, B = _arrays(backend, (4, 5), (2, 5), (4, 2))
     W0[1, 2] = math.nan
     with pytest.raises(ValueError, match=r"W0 has 1 non-finite value\(s\) \(nan or inf\) in shape \(4, 5\)"):
-        lr.merge(W0, A, B, 1.0)
+        backend.merge(W0, A, B, 1.0)
 
 
-@pytest.mark.parametrize("lr", BACKENDS)
-def test_unknown_init_is_rejected(lr):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_init_is_rejected(backend):
     with pytest.raises(ValueError, match=r"init must be 'kaiming' or 'gaussian', got init='xavier'"):
-        lr.init_lora(4, 5, 2, init="xavier")
+        backend.init_lora(4, 5, 2, init="xavier")
     with pytest.raises(ValueError, match=r"a_std .* init='gaussian'"):
-        lr.init_lora(4, 5, 2, a_std=0.1)
+        backend.init_lora(4, 5, 2, a_std=0.1)
 
 
 def test_lora_linear_rejects_bad_r_alpha_and_dropout():

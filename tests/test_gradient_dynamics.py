@@ -238,64 +238,6 @@ def test_training_mac_ratio_tends_to_two_thirds():
         assert full["backward_weights"] - gd.training_macs(1024, 4096, 4096, r)["backward_weights"] > 0
 
 
-# --------------------------------------------------------------------------- the tiny model
-
-
-@pytest.fixture(scope="module")
-def base():
-    from lora_ref import tiny
-
-    return tiny.load_tiny_llama()
-
-
-def test_train_recorded_reproduces_the_book_fine_tune_bit_for_bit(base):
-    """The recording loop is lora_ref.tiny's loop: with AdamW (weight decay 0) at the recipe's lr, the same
-    losses and weights as standard_fine_tune, bit for bit; LoRA+ at ratio 1 is the same run too."""
-    from lora_ref import tiny
-
-    ref_model, ref = tiny.standard_fine_tune(r=4, seed=1, base=base, steps=4)
-    for ratio in (None, 1.0):
-        model = gd.lora_model(base, 4, seed=1)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = (torch.optim.AdamW(params, lr=tiny.RECIPE.lora_lr, weight_decay=0.0) if ratio is None else
-               lt.loraplus_optimizer(model, torch.optim.AdamW, lr=tiny.RECIPE.lora_lr, loraplus_lr_ratio=ratio))
-        rec = gd.train_recorded(model, opt, gd.task_batches(1), 4)
-        assert rec["loss"] == ref["losses"]
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
-    assert rec["grad_A"].shape == (4, 28) and not rec["grad_A"][0].any() and rec["grad_B"][0].all()
-    assert not rec["norm_B"][0].any() and not rec["moved_A"][:2].any() and rec["moved_A"][2].all()
-
-
-def test_weight_gradients_give_the_lora_factor_gradients(base):
-    """G from weight_gradients and eq-ch05-grads: dL/dB = s G A^T and dL/dA = s B^T G on every layer."""
-    model = gd.lora_model(base, 4, seed=0)
-    with torch.no_grad():
-        for m in lt.lora_modules(model).values():
-            m.lora_B.normal_(0, 0.01)
-    batch = next(gd.task_batches(0, batch_size=4))
-    flags = [p.requires_grad for p in model.parameters()]
-    G = gd.weight_gradients(model, batch)
-    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
-    model(**batch).loss.backward()
-    for name, m in lt.lora_modules(model).items():
-        A, B = m.lora_A.detach().double(), m.lora_B.detach().double()
-        torch.testing.assert_close(m.lora_B.grad.double(), m.scaling * G[name] @ A.T, rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(m.lora_A.grad.double(), m.scaling * B.T @ G[name], rtol=1e-3, atol=1e-8)
-    assert set(gd.weight_gradients(base, batch)) == set(G)                         # the same layers, unadapted
-
-
-def test_loraplus_sweep_runs_every_ratio_and_seed_and_scores_held_out_pairs(base):
-    sweep = gd.loraplus_sweep(base, 2, [1, 4], [0, 1], steps=2, lr=1e-3, n_test=4)
-    assert list(sweep) == [1, 4] and all(list(by_seed) == [0, 1] for by_seed in sweep.values())
-    for by_seed in sweep.values():
-        for run in by_seed.values():
-            assert len(run["loss"]) == 2 and math.isfinite(run["test_loss"]) and run["test_loss"] > 0
-    assert sweep[1][0]["loss"][0] == sweep[4][0]["loss"][0]          # same start: the ratio acts from step 1
-    assert sweep[1][0]["loss"][1] != sweep[4][0]["loss"][1]
-    with pytest.raises(ValueError, match="LoRA layers"):
-        gd.train_recorded(base, torch.optim.SGD(base.parameters(), lr=0.1), gd.task_batches(0), 1)
-
-
 def test_total_norm_is_the_frobenius_norm_over_layers():
     assert gd.total_norm([[3.0, 4.0], [0.0, 0.0]]).tolist() == [5.0, 0.0]
     with pytest.raises(ValueError):

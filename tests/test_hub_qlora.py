@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
-from lora_ref import budget, hub, tiny  # noqa: E402
+from lora_ref import budget, hub, quiet, tiny  # noqa: E402
 from lora_ref.tiny.export import export_hf  # noqa: E402
 
 pytestmark = pytest.mark.slow          # make unit leaves it out; make test runs it
@@ -53,7 +53,7 @@ def _fresh_4bit_base(model_dir):
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
-    with hub._quiet():
+    with quiet():
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
                                                      device_map={"": "cpu"})
     hub.disable_cpu_bf16_repack(model)
@@ -110,7 +110,7 @@ def test_memory_formula_equals_bytes_held_after_one_step_term_by_term(run):
 def test_memory_formula_with_torch_adamw_equals_bytes_held(model_dir):
     """The fallback optimizer (devices without bitsandbytes' 8-bit kernels): fp32 m, v and a scalar
     step tensor per trainable tensor, on the same prepared NF4 model."""
-    with hub._quiet():
+    with quiet():
         model, tokenizer = hub.load_qlora_model(model_dir, "cpu", r=4, alpha=8, gradient_checkpointing=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -131,12 +131,12 @@ def test_saved_adapter_loads_back_with_peft_and_gives_the_same_logits(run, model
     path = run.save_adapter(tmp_path / "adapter")
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["r"] == R and config["lora_alpha"] == ALPHA and (path / "adapter_model.safetensors").exists()
-    with hub._quiet():
+    with quiet():
         loaded = PeftModel.from_pretrained(_fresh_4bit_base(model_dir), path).eval()
     batch = tiny.make_batch(tiny.task_examples("test", 8))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     run.model.eval()
-    with torch.no_grad(), hub._quiet():
+    with torch.no_grad(), quiet():
         a, b = run.model(**inputs).logits, loaded(**inputs).logits
     assert torch.equal(a, b)                    # the same NF4 bytes (quantisation is deterministic), same A, B
     with torch.no_grad():

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lora_ref import low_rank, spectral, tiny
 from lora_ref import numpy as ln
 from lora_ref import rank_scaling as rs
+from lora_ref.tiny import experiments
 
 
 def _planted(d, k, sigma, seed=0):
@@ -113,14 +114,14 @@ def test_with_updates_sets_w0_plus_delta_w_and_leaves_the_base_and_other_layers_
     name = "model.layers.1.self_attn.v_proj"
     before = {n: p.clone() for n, p in base.named_parameters()}
     dW = np.random.default_rng(0).normal(size=tuple(base.get_submodule(name).weight.shape)) * 1e-2
-    model = low_rank.with_updates(base, {name: dW})
+    model = experiments.with_updates(base, {name: dW})
     w0 = before[name + ".weight"]
     expected = (w0.double() + torch.tensor(dW)).float()
     assert torch.equal(model.get_submodule(name).weight, expected)
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())      # base untouched
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n != name + ".weight")
     rest = copy_with_noise(base)                                   # another model gives the other parameters
-    model = low_rank.with_updates(base, {name: dW}, rest=rest)
+    model = experiments.with_updates(base, {name: dW}, rest=rest)
     assert torch.equal(model.get_submodule(name).weight, expected)                 # W0 still from base
     assert all(torch.equal(p, dict(rest.named_parameters())[n]) for n, p in model.named_parameters()
                if n != name + ".weight")
@@ -141,7 +142,7 @@ def test_truncation_at_full_rank_reproduces_the_fine_tuned_linear_layers():
     base = tiny.load_tiny_llama()
     tuned, _ = tiny.standard_fine_tune(None, base=base, steps=2)
     updates = tiny.weight_updates(base, tuned)
-    model = low_rank.with_updates(base, low_rank.truncate_updates(updates, 128))
+    model = experiments.with_updates(base, low_rank.truncate_updates(updates, 128))
     for name in updates:
         torch.testing.assert_close(model.get_submodule(name).weight, tuned.get_submodule(name).weight,
                                    rtol=0, atol=1e-6)
@@ -164,4 +165,20 @@ def test_low_rank_bad_input():
         low_rank.critical_loss([2.0, 1.0], [1, 3])
     base = tiny.load_tiny_llama()
     with pytest.raises(ValueError, match=r"has shape \(2, 2\), the layer's weight \(64, 128\)"):
-        low_rank.with_updates(base, {"model.layers.0.self_attn.k_proj": np.zeros((2, 2))})
+        experiments.with_updates(base, {"model.layers.0.self_attn.k_proj": np.zeros((2, 2))})
+
+
+def test_relative_tail_is_the_distance_of_the_layerwise_truncation_over_all_layers():
+    rng = np.random.default_rng(3)
+    updates = {"a": rng.normal(size=(12, 8)), "b": rng.normal(size=(6, 9)) * 3}
+    spectra = {n: spectral.singular_values(m) for n, m in updates.items()}
+    for r in (1, 3, 6, 8):
+        cut = low_rank.truncate_updates(updates, r)
+        num = sum(np.sum((updates[n] - cut[n]) ** 2) for n in updates)
+        den = sum(np.sum(updates[n] ** 2) for n in updates)
+        assert low_rank.relative_tail(spectra, r) == pytest.approx(math.sqrt(num / den), rel=1e-12)
+    assert low_rank.relative_tail(spectra, 9) == 0.0
+    with pytest.raises(ValueError, match="descending"):
+        low_rank.relative_tail({"a": [1.0, 2.0]}, 1)
+    with pytest.raises(ValueError, match="every update is zero"):
+        low_rank.relative_tail({"a": [0.0, 0.0]}, 1)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lora_ref import budget, figures, serving
+from lora_ref import budget, figures, serving, timing
 from lora_ref import torch as lt
 
 LLAMA_8B = budget.load_config("llama-3.1-8b")
@@ -190,7 +190,7 @@ def test_adding_a_task_left_the_date_task_unchanged():
 def test_time_single_thread_times_every_callable_on_one_thread_and_restores_the_count():
     before = torch.get_num_threads()
     seen = []
-    ms = serving.time_single_thread({"a": lambda: seen.append(torch.get_num_threads()), "b": lambda: sum(range(100))},
+    ms = timing.time_single_thread({"a": lambda: seen.append(torch.get_num_threads()), "b": lambda: sum(range(100))},
                                     reps=2, min_seconds=1e-4)
     assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
     assert set(seen) == {1} and torch.get_num_threads() == before

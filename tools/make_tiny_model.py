@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+import lora_ref
 from lora_ref import tiny
 
 # Pretraining recipe (changing any of these changes the shipped weights).
@@ -50,13 +51,6 @@ FT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 N_TEST = 200
 
 
-def _quiet():
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def write_config(config, out_dir: Path) -> None:
     """config.json: the LlamaConfig as JSON, without the version stamp and classifier noise."""
     d = config.to_dict()
@@ -76,9 +70,9 @@ def pretrain(out_dir: Path, steps: int = STEPS, log_every: int = 20) -> dict:
     batches = tiny.corpus_batches(text, SEQ_LEN, BATCH, seed=SEED)
     print(f"pretraining {n_params:,} parameters on {len(text):,} bytes: {steps} steps of "
           f"{BATCH}x{SEQ_LEN} bytes", flush=True)
-    run = tiny.train_steps(model, ({"input_ids": x, "labels": x} for x in batches), steps, lr=LR, warmup=WARMUP,
-                           min_lr_frac=MIN_LR_FRAC, weight_decay=WEIGHT_DECAY, decay_matrices_only=True,
-                           betas=(0.9, 0.95), clip_norm=1.0, log_every=log_every)
+    opt = tiny.adamw(LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.95), decay_matrices_only=True)
+    run = tiny.train_steps(model, ({"input_ids": x, "labels": x} for x in batches), steps, optimizer=opt,
+                           warmup=WARMUP, min_lr_frac=MIN_LR_FRAC, clip_norm=1.0, log_every=log_every)
     ema = None
     for value in run["losses"]:                        # the smoothed loss the recipe reports
         ema = value if ema is None else 0.9 * ema + 0.1 * value
@@ -136,7 +130,7 @@ def main():
     ap.add_argument("--no-measure", action="store_true", help="pretrain only")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    _quiet()
+    lora_ref.quiet()
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if not args.measure:
         results.update(pretrain(args.out, steps=args.steps))

@@ -12,16 +12,14 @@ Writes lora_ref/data/ch05_loraplus.json (training-loss curves and held-out losse
     .venv/bin/python tools/precompute_ch05_loraplus.py
 """
 
-import json
 import time
-from pathlib import Path
 
-from lora_ref import gradient_dynamics as gd
-from lora_ref import tiny
+from lora_ref import shipped, tiny
+from lora_ref.tiny import experiments
 
 SETTINGS = dict(r=8, alpha=16.0, lr=1e-3, steps=60, warmup=10, ratios=[1, 2, 4, 8, 16, 32, 64], seeds=[0, 1, 2],
                 reference_lr=tiny.RECIPE.lora_lr, task="date", n_test=tiny.RECIPE.n_test)
-OUT = Path(__file__).resolve().parents[1] / "lora_ref" / "data" / "ch05_loraplus.json"
+NAME = "ch05_loraplus"
 
 
 def _round(run):
@@ -34,18 +32,18 @@ def main():
     common = dict(steps=s["steps"], warmup=s["warmup"], task=s["task"], n_test=s["n_test"])
     runs, reference = {}, {}
     for lam in s["ratios"]:
-        runs[str(lam)] = {}
+        runs[lam] = {}
         for seed in s["seeds"]:
-            run = gd.loraplus_run(base, s["r"], lam, seed=seed, lr=s["lr"], alpha=s["alpha"], **common)
-            runs[str(lam)][str(seed)] = _round(run)
+            run = experiments.loraplus_run(base, s["r"], lam, seed=seed, lr=s["lr"], alpha=s["alpha"], **common)
+            runs[lam][seed] = _round(run)
             print(f"lambda={lam:>2} seed={seed}: held-out loss {run['test_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     for seed in s["seeds"]:
-        run = gd.loraplus_run(base, s["r"], 1, seed=seed, lr=s["reference_lr"], alpha=s["alpha"], **common)
-        reference[str(seed)] = _round(run)
+        run = experiments.loraplus_run(base, s["r"], 1, seed=seed, lr=s["reference_lr"], alpha=s["alpha"], **common)
+        reference[seed] = _round(run)
         print(f"plain LoRA, lr {s['reference_lr']:g}, seed={seed}: held-out loss {run['test_loss']:.4f}", flush=True)
-    OUT.write_text(json.dumps({"settings": s, "runs": runs, "reference": reference}, separators=(",", ":")))
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes) in {time.perf_counter() - t0:.0f} s")
+    out = shipped.save(NAME, {"settings": s, "runs": runs, "reference": reference})
+    print(f"wrote {out} ({out.stat().st_size:,} bytes) in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

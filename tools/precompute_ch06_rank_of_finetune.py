@@ -14,18 +14,17 @@ lora_ref.tiny.evaluate, every truncation through lora_ref.low_rank. Deterministi
 Writes lora_ref/data/ch06_rank_of_finetune.json (6 significant figures).
 """
 
-import json
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
-from lora_ref import low_rank, spectral, tiny
+from lora_ref import low_rank, shipped, spectral, tiny
+from lora_ref.tiny import experiments
 
 SETTINGS = dict(task="date", seeds=[0, 1, 2], lora_ranks=[1, 2, 4, 8, 16, 32, 64], full_rank=128, tau=0.9,
                 recipe=asdict(tiny.RECIPE))
-OUT = Path(__file__).resolve().parents[1] / "lora_ref" / "data" / "ch06_rank_of_finetune.json"
+NAME = "ch06_rank_of_finetune"
 
 
 def g6(x):
@@ -59,22 +58,22 @@ def one_seed(base, seed):
         "spectra": {n: [g6(v) for v in sg] for n, sg in sigma.items()},
         "rank_for_energy": {n: low_rank.rank_for_energy(sg, s["tau"]) for n, sg in sigma.items()},
         # W0 + ΔW_r in the adapted layers, every other parameter the base's (what LoRA can change) ...
-        "truncated": {str(r): scores(v) for r, v in
-                      low_rank.truncation_scores(base, updates, truncation_ranks, s["task"]).items()},
+        "truncated": {r: scores(v) for r, v in
+                      experiments.truncation_scores(base, updates, truncation_ranks, s["task"]).items()},
         # ... or the full fine-tune's (its embeddings, norms and output layer moved too)
-        "truncated_rest_tuned": {str(r): scores(v) for r, v in
-                                 low_rank.truncation_scores(base, updates, s["lora_ranks"], s["task"], full).items()},
-        "truncation_distance": {str(r): g6(distance(low_rank.truncate_updates(updates, r), updates))
+        "truncated_rest_tuned": {r: scores(v) for r, v in
+                                 experiments.truncation_scores(base, updates, s["lora_ranks"], s["task"], full).items()},
+        "truncation_distance": {r: g6(distance(low_rank.truncate_updates(updates, r), updates))
                                 for r in s["lora_ranks"]},
         "lora": {}, "lora_distance": {}, "lora_norm_ratio": {},
     }
     for r in s["lora_ranks"]:
         lora, _ = tiny.standard_fine_tune(r, seed, s["task"], base=base)
-        out["lora"][str(r)] = scores(tiny.evaluate(lora, s["task"]))
+        out["lora"][r] = scores(tiny.evaluate(lora, s["task"]))
         lora_updates = {n: dw.numpy() for n, dw in tiny.weight_updates(base, lora).items()}
-        out["lora_distance"][str(r)] = g6(distance(lora_updates, updates))
-        out["lora_norm_ratio"][str(r)] = g6(norm_ratio(lora_updates, updates))
-        print(f"seed {seed}, r = {r}: truncated {out['truncated'][str(r)]}, LoRA {out['lora'][str(r)]}", flush=True)
+        out["lora_distance"][r] = g6(distance(lora_updates, updates))
+        out["lora_norm_ratio"][r] = g6(norm_ratio(lora_updates, updates))
+        print(f"seed {seed}, r = {r}: truncated {out['truncated'][r]}, LoRA {out['lora'][r]}", flush=True)
     return out
 
 
@@ -82,9 +81,9 @@ def main():
     base = tiny.load_tiny_llama()
     runs = {"base": scores(tiny.evaluate(base, SETTINGS["task"])), "seeds": {}}
     for seed in SETTINGS["seeds"]:
-        runs["seeds"][str(seed)] = one_seed(base, seed)
-        OUT.write_text(json.dumps({"settings": SETTINGS, "runs": runs}, separators=(",", ":")))   # after each seed
-        print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes), seeds {list(runs['seeds'])}", flush=True)
+        runs["seeds"][seed] = one_seed(base, seed)
+        out = shipped.save(NAME, {"settings": SETTINGS, "runs": runs})   # after each seed
+        print(f"wrote {out} ({out.stat().st_size:,} bytes), seeds {list(runs['seeds'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ figures. ``--cache DIR`` keeps each run's updates and factors (torch.save) and r
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from lora_ref import adapter_geometry as ag
-from lora_ref import tiny
+from lora_ref import shipped, tiny
+from lora_ref.tiny import experiments
 
 SETTINGS = dict(ranks=[4, 8, 16, 64], seeds=[0, 1, 2], full_seeds=[0], top_k=10, eps=0.5, phi_diagonal=8,
                 grid_modules=["self_attn.q_proj", "self_attn.v_proj"], live_run="r4_s0",
@@ -34,13 +34,13 @@ SETTINGS = dict(ranks=[4, 8, 16, 64], seeds=[0, 1, 2], full_seeds=[0], top_k=10,
                        "seeds_r8": ["r8_s0", "r8_s1"]},
                 update_pairs={"r8_r64": ["r8_s0", "r64_s0"], "seeds_r64": ["r64_s0", "r64_s1"],
                               "seeds_r8": ["r8_s0", "r8_s1"], "r64_full": ["r64_s0", "full_s0"]})
-OUT = Path(__file__).resolve().parents[1] / "lora_ref" / "data" / "ch07_adapters.json"
+NAME = "ch07_adapters"
 
 
 def _g(x):
-    """6 significant figures, recursively (dict keys become strings in JSON)."""
+    """6 significant figures, recursively."""
     if isinstance(x, dict):
-        return {str(k): _g(v) for k, v in x.items()}
+        return {k: _g(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_g(v) for v in x]
     if isinstance(x, float):
@@ -54,7 +54,7 @@ def _run(r, seed, base, cache):
     if path is not None and path.exists():
         return torch.load(path, weights_only=False)
     t0 = time.perf_counter()
-    run = ag.train_run(r, seed, base)
+    run = experiments.train_run(r, seed, base)
     print(f"trained r={r} seed={seed} in {time.perf_counter() - t0:.0f} s", flush=True)
     if path is not None:
         torch.save(run, path)
@@ -69,7 +69,7 @@ def main(cache=None):
     for r, seed in plan:
         key = f"r{r}_s{seed}" if r else f"full_s{seed}"
         run = _run(r, seed, base, cache)
-        layers = ag.measure_run(base, run, r, s["top_k"], s["eps"])
+        layers = experiments.measure_run(base, run, r, s["top_k"], s["eps"])
         for m in layers.values():
             m["overlap"] = [float(f"{c:.4g}") for c in m["overlap"]]          # 4 figures: cosines against eps
         runs[key] = {"scores": run["scores"], "loss": run["loss"], "layers": layers}
@@ -94,8 +94,8 @@ def main(cache=None):
                 for pair, (a, b) in s["pairs"].items() if pair != "seeds_r8"})
     data = {"settings": s, "recipe": dataclasses.asdict(tiny.RECIPE), "base": tiny.evaluate(base), "runs": runs,
             "phi_diagonal": diagonal, "phi_diagonal_updates": diagonal_dw, "grids": grids}
-    OUT.write_text(json.dumps(_g(data), separators=(",", ":")))
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
+    out = shipped.save(NAME, _g(data))
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":

@@ -17,19 +17,16 @@ the sweep and asserts that it agrees.
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from lora_ref import serving, tiny
+from lora_ref import serving, shipped, tiny
 from lora_ref.adapters import save_adapter
 from lora_ref.tiny import runs
 
-DATA = Path(__file__).resolve().parents[1] / "lora_ref" / "data"
-ADAPTERS = DATA / "ch09_adapters"
-OUT = DATA / "ch09_task_arithmetic.json"
+ADAPTERS = shipped.DATA / "ch09_adapters"
+NAME = "ch09_task_arithmetic"
 SETTINGS = dict(r=4, seed=0, tasks=["date", "iso"], methods=["cat", "linear", "svd"],
                 gammas=[round(0.1 * i, 1) for i in range(11)], rank_gammas=[0.2, 0.5, 0.8], svd_ranks=list(range(1, 9)))
 
@@ -64,16 +61,16 @@ def main():
         result["sweep"][method] = {}
         for gamma in s["gammas"]:
             model = serving.combined_model(base, paths, [1 - gamma, gamma], method)
-            result["sweep"][method][f"{gamma:.1f}"] = _scores(model, s["tasks"])
-            print(method, gamma, result["sweep"][method][f"{gamma:.1f}"], flush=True)
+            result["sweep"][method][gamma] = _scores(model, s["tasks"])
+            print(method, gamma, result["sweep"][method][gamma], flush=True)
     for gamma in s["rank_gammas"]:
-        result["svd_ranks"][f"{gamma:.1f}"] = {}
+        result["svd_ranks"][gamma] = {}
         for q in s["svd_ranks"]:
             model = serving.combined_model(base, paths, [1 - gamma, gamma], "svd", q)
-            result["svd_ranks"][f"{gamma:.1f}"][str(q)] = _scores(model, s["tasks"])
-            print("svd", gamma, q, result["svd_ranks"][f"{gamma:.1f}"][str(q)], flush=True)
-    OUT.write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
+            result["svd_ranks"][gamma][q] = _scores(model, s["tasks"])
+            print("svd", gamma, q, result["svd_ranks"][gamma][q], flush=True)
+    out = shipped.save(NAME, result)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":

@@ -6,25 +6,36 @@ Four modules, one job each (as in nanoGPT):
 * ``lora_ref.tiny.model``: the architecture (``CONFIG``), the byte tokenizer (``encode``,
   ``decode``), ``build_tiny_llama`` and ``load_tiny_llama`` (the shipped weights);
 * ``lora_ref.tiny.data``: the pretraining ``corpus``, the date task ``task_examples`` with
-  disjoint splits, and ``make_batch``;
-* ``lora_ref.tiny.training``: the training loop (``train_steps``, ``train``, ``fine_tune``: full
-  or LoRA at rank r) and evaluation (``loss_per_byte``, ``generate``, ``exact_match``);
+  disjoint splits, ``make_batch`` and the shuffled, cycled ``example_batches``;
+* ``lora_ref.tiny.training``: the one training loop (``train_steps`` with an optimizer factory
+  such as ``adamw`` and an ``on_step`` hook; ``train``, ``fine_tune``: full or LoRA at rank r)
+  and evaluation (``loss_per_byte``, ``generate``, ``exact_match``);
 * ``lora_ref.tiny.runs``: the book's standard recipe (``RECIPE``, ``standard_fine_tune``), the
   weight updates ΔW of a fine-tune (``weight_updates``) and its held-out scores (``evaluate``).
 
 Every public name is also available here: ``from lora_ref import tiny; tiny.train(...)``.
 """
 
-from .data import TASKS, corpus, corpus_batches, make_batch, task_examples
+from .data import TASKS, corpus, corpus_batches, example_batches, make_batch, task_examples
 from .model import CONFIG, EOS, EOS_ID, MODEL_DIR, PAD_ID, build_tiny_llama, decode, encode, load_tiny_llama
 from .runs import RECIPE, Recipe, evaluate, held_out_text, standard_fine_tune, weight_updates
-from .training import exact_match, fine_tune, generate, loss_per_byte, lr_factor, text_loss_per_byte, train, train_steps
+from .training import (
+                       adamw,
+                       exact_match,
+                       fine_tune,
+                       generate,
+                       loss_per_byte,
+                       lr_factor,
+                       text_loss_per_byte,
+                       train,
+                       train_steps,
+)
 
 __all__ = [
     "MODEL_DIR", "CONFIG", "PAD_ID", "EOS", "EOS_ID", "TASKS",
-    "encode", "decode", "corpus", "corpus_batches", "task_examples", "make_batch",
+    "encode", "decode", "corpus", "corpus_batches", "task_examples", "make_batch", "example_batches",
     "load_tiny_llama", "build_tiny_llama",
     "loss_per_byte", "text_loss_per_byte", "generate", "exact_match",
-    "lr_factor", "train_steps", "train", "fine_tune",
+    "lr_factor", "adamw", "train_steps", "train", "fine_tune",
     "Recipe", "RECIPE", "standard_fine_tune", "weight_updates", "evaluate", "held_out_text",
 ]

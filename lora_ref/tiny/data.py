@@ -23,7 +23,7 @@ import torch
 
 from .model import EOS, PAD_ID, encode
 
-__all__ = ["TASKS", "corpus", "corpus_batches", "task_examples", "make_batch"]
+__all__ = ["TASKS", "corpus", "corpus_batches", "task_examples", "make_batch", "example_batches"]
 
 # --------------------------------------------------------------------------- dates and splits
 
@@ -202,3 +202,26 @@ def make_batch(examples, max_len: int | None = None):
         labels[i, :len(lab)] = lab
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def example_batches(examples, batch_size: int, seed: int = 0, collate=make_batch):
+    """Endless batches of ``batch_size`` (prompt, answer) pairs: one order of ``examples``
+    shuffled with ``random.Random(seed)``, cycled, each batch passed through ``collate``
+    (default ``make_batch``; the hub path passes its tokenizer's). Every fine-tune of the book
+    draws its batches here, so one seed gives one order of examples everywhere.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("example_batches needs at least one (prompt, answer) example")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got batch_size={batch_size!r}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return _cycle(examples, order, batch_size, collate)      # checked now, not at the first next()
+
+
+def _cycle(examples, order, batch_size, collate):
+    pos = 0
+    while True:
+        yield collate([examples[order[(pos + i) % len(order)]] for i in range(batch_size)])
+        pos += batch_size

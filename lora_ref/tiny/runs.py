@@ -28,7 +28,7 @@ from .data import corpus, task_examples
 from .model import load_tiny_llama
 from .training import exact_match, fine_tune, loss_per_byte, text_loss_per_byte
 
-__all__ = ["Recipe", "RECIPE", "standard_fine_tune", "weight_updates", "evaluate", "held_out_text"]
+__all__ = ["Recipe", "RECIPE", "training_examples", "standard_fine_tune", "weight_updates", "evaluate", "held_out_text"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ class Recipe:
 RECIPE = Recipe()
 
 
+def training_examples(task: str = "date", recipe: Recipe = RECIPE):
+    """The recipe's training pairs of ``task``: ``recipe.n_train`` pairs drawn with data seed 0, the
+    same for every run seed (the run seed orders them, in ``example_batches``)."""
+    return task_examples("train", recipe.n_train, seed=0, task=task)
+
+
 def standard_fine_tune(r: int | None = None, seed: int = 0, task: str = "date", *, base=None,
                        steps: int | None = None, recipe: Recipe = RECIPE, **overrides):
     """Fine-tune a copy of the tiny model on ``task`` with the book's recipe.
@@ -54,18 +60,20 @@ def standard_fine_tune(r: int | None = None, seed: int = 0, task: str = "date", 
     r=None is full fine-tuning, r=int is LoRA at rank r (alpha = recipe.lora_alpha).
     ``seed`` draws A and orders the batches; the training pairs are the same for every seed.
     ``base`` (default: the shipped tiny model) is never modified. ``overrides`` go to
-    ``lora_ref.tiny.fine_tune`` (for example ``lr=``, ``alpha=``, ``target_modules=``).
+    ``lora_ref.tiny.fine_tune`` (for example ``lr=``, ``alpha=``, ``target_modules=``, or
+    ``optimizer=`` and ``on_step=``, as ``lora_ref.tiny.experiments`` passes them).
     Returns ``(model, run)`` with run = {"losses", "seconds"}.
     """
     if r is not None and (not isinstance(r, int) or r < 1):
         raise ValueError(f"r must be None (full fine-tuning) or a positive int, got {r!r}")
     base = load_tiny_llama() if base is None else base
-    kwargs = dict(lr=recipe.full_lr if r is None else recipe.lora_lr, batch_size=recipe.batch_size)
+    kwargs = dict(batch_size=recipe.batch_size)
+    if "optimizer" not in overrides:                  # a factory brings its own learning rates
+        kwargs["lr"] = recipe.full_lr if r is None else recipe.lora_lr
     if r is not None:
         kwargs.update(alpha=recipe.lora_alpha, target_modules=recipe.target_modules)
     kwargs.update(overrides)
-    examples = task_examples("train", recipe.n_train, seed=0, task=task)
-    return fine_tune(base, examples, recipe.steps if steps is None else steps, r=r, seed=seed, **kwargs)
+    return fine_tune(base, training_examples(task, recipe), recipe.steps if steps is None else steps, r=r, seed=seed, **kwargs)
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
 """Training and evaluation of the tiny model: one loop for pretraining, full fine-tuning and LoRA.
 
 * ``lr_factor`` is the schedule: linear warm-up, then cosine decay to a floor.
-* ``train_steps`` is the loop: AdamW on the trainable parameters over batches from any
-  iterator, with the schedule, optional gradient clipping and weight decay on matrices only.
-  ``tools/make_tiny_model.py`` pretrains the shipped model with it.
-* ``train`` fine-tunes on (prompt, answer) pairs, shuffled with a seed and cycled;
+* ``train_steps`` is the loop, the only one in the book: any optimizer (a factory; ``adamw``
+  by default) over batches from any iterator, with the schedule, optional gradient clipping
+  and an ``on_step`` hook that sees each step's gradients. ``tools/make_tiny_model.py``
+  pretrains the shipped model with it, ``lora_ref.hub`` QLoRA-trains a hub model with it, and
+  ``lora_ref.tiny.experiments`` records gradient norms through its hook.
+* ``train`` fine-tunes on (prompt, answer) pairs from ``example_batches``;
   ``fine_tune`` is what a chapter calls: a full fine-tune, or LoRA at rank r, of a copy.
 * ``loss_per_byte``, ``generate`` and ``exact_match`` evaluate on held-out pairs;
   ``text_loss_per_byte`` on raw text.
@@ -14,15 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 
 import torch
 
-from .data import make_batch
+from .data import example_batches, make_batch
 from .model import EOS_ID, decode, encode
 
-__all__ = ["lr_factor", "train_steps", "train", "fine_tune", "loss_per_byte", "text_loss_per_byte",
+__all__ = ["lr_factor", "adamw", "train_steps", "train", "fine_tune", "loss_per_byte", "text_loss_per_byte",
            "generate", "exact_match"]
 
 
@@ -169,24 +170,46 @@ def lr_factor(step, steps, warmup, min_lr_frac=0.0):
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train_steps(model, batches, steps: int, *, lr: float, warmup: int = 10, min_lr_frac: float = 0.0,
-                weight_decay: float = 0.0, decay_matrices_only: bool = False, betas=(0.9, 0.999),
-                clip_norm: float | None = None, log_every: int = 0, progress: bool = False):
-    """``steps`` AdamW steps on the trainable parameters of ``model``, one batch each.
+def adamw(lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), decay_matrices_only: bool = False):
+    """An optimizer factory for ``train_steps``: ``model -> torch.optim.AdamW`` over the model's
+    trainable parameters at peak learning rate ``lr``.
 
-    batches: an iterator of dicts of model inputs with ``labels`` (``model(**batch).loss``)
-    lr schedule: ``lr * lr_factor(step, steps, warmup, min_lr_frac)``
     decay_matrices_only: weight decay on parameters with ndim >= 2 only (not norms, biases)
+    """
+    def make(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if decay_matrices_only:
+            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        else:
+            groups = [{"params": params, "weight_decay": weight_decay}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+    return make
+
+
+def train_steps(model, batches, steps: int, *, optimizer, warmup: int = 10, min_lr_frac: float = 0.0,
+                clip_norm: float | None = None, on_step=None, log_every: int = 0, progress: bool = False):
+    """``steps`` optimizer steps on ``model``, one batch each: the book's one training loop.
+
+    batches:   an iterator of dicts of model inputs with ``labels`` (``model(**batch).loss``)
+    optimizer: a factory ``model -> torch.optim.Optimizer`` over the parameters to train, at their
+               peak learning rates: ``adamw(lr)``, ``lora_ref.torch.loraplus_optimizer`` in a
+               lambda, or bitsandbytes' PagedAdamW8bit (``lora_ref.hub``)
+    schedule:  every group's lr times ``lr_factor(step, steps, warmup, min_lr_frac)``
+               (warmup=0, min_lr_frac=1: constant)
     clip_norm: clip the global gradient norm to this value before each step
+    on_step:   ``on_step(step, model, loss)``, called after the backward pass (and the clipping),
+               before the optimizer step: the gradients are this step's, the parameters still
+               those the loss was computed with
     Returns ``{"losses": [loss of each step], "seconds": wall time}``; the model ends in eval mode.
     """
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if decay_matrices_only:
-        groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for _, p in params], "weight_decay": weight_decay}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
+    if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a factory model -> torch.optim.Optimizer (for example "
+                        f"lora_ref.tiny.adamw(lr)), got {type(optimizer).__name__}")
+    opt = optimizer(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup, min_lr_frac))
     model.train()
     losses, t0 = [], time.perf_counter()
@@ -197,9 +220,11 @@ def train_steps(model, batches, steps: int, *, lr: float, warmup: int = 10, min_
         loss.backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, model, losses[-1])
         opt.step()
         sched.step()
-        losses.append(loss.item())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -211,33 +236,26 @@ def train_steps(model, batches, steps: int, *, lr: float, warmup: int = 10, min_
     return {"losses": losses, "seconds": time.perf_counter() - t0}
 
 
-def _example_batches(examples, batch_size, seed):
-    """Endless batches of ``batch_size`` pairs: one shuffled order (seeded), cycled."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    pos = 0
-    while True:
-        chunk = [examples[order[(pos + i) % len(order)]] for i in range(batch_size)]
-        pos += batch_size
-        yield make_batch(chunk)
-
-
 def train(model, examples, steps: int, batch_size: int = 32, lr: float = 5e-3,
           weight_decay: float = 0.0, warmup: int = 10, seed: int = 0, log_every: int = 0,
-          progress: bool = False):
+          progress: bool = False, optimizer=None, on_step=None):
     """Fine-tune ``model`` (all its trainable parameters: a PEFT or lora_ref model trains only
     the LoRA factors) on (prompt, answer) pairs with ``train_steps``.
 
-    Batches of ``batch_size`` pairs are taken in an order shuffled with ``seed``, cycled when
-    ``steps * batch_size`` exceeds the examples; warm-up then cosine decay to 0.
+    Batches of ``batch_size`` pairs come from ``example_batches(examples, batch_size, seed)``;
+    warm-up then cosine decay to 0. The optimizer is AdamW at ``lr`` with ``weight_decay``, or
+    the factory ``optimizer`` (then ``lr`` and ``weight_decay`` are the factory's business and
+    must stay at their defaults). ``on_step`` goes to ``train_steps``.
     Returns ``{"losses": [...], "seconds": s}``. ``progress=True`` shows a tqdm.auto bar,
     except in the book build, nbval and CI (see _quiet).
     """
-    examples = list(examples)
-    if not examples:
-        raise ValueError("train needs at least one (prompt, answer) example")
-    return train_steps(model, _example_batches(examples, batch_size, seed), steps, lr=lr, warmup=warmup,
-                       weight_decay=weight_decay, log_every=log_every, progress=progress)
+    if optimizer is None:
+        optimizer = adamw(lr, weight_decay)
+    elif (lr, weight_decay) != (5e-3, 0.0):
+        raise ValueError(f"pass lr and weight_decay to the optimizer factory, not to train "
+                         f"(got lr={lr}, weight_decay={weight_decay} with optimizer=...)")
+    return train_steps(model, example_batches(examples, batch_size, seed), steps, optimizer=optimizer,
+                       warmup=warmup, on_step=on_step, log_every=log_every, progress=progress)
 
 
 def fine_tune(model, examples, steps: int, *, r: int | None = None, alpha: float | None = None,

@@ -1,0 +1,195 @@
+"""The one training loop (lora_ref.tiny.train_steps, its optimizer factory and on_step hook) and the
+chapters' experiments on the tiny model (lora_ref.tiny.experiments)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lora_ref import tiny
+from lora_ref import torch as lt
+from lora_ref.tiny import experiments
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _snapshots():
+    """An on_step hook that keeps copies of every LoRA factor and its gradient, at every step."""
+    seen = []
+
+    def hook(step, m, loss):
+        layers = lt.lora_modules(m)
+        seen.append({"step": step, "loss": loss,
+                     **{f"{n}.{k}": getattr(layer, k).detach().clone() for n, layer in layers.items()
+                        for k in ("lora_A", "lora_B")},
+                     **{f"{n}.{k}.grad": getattr(layer, k).grad.detach().clone() for n, layer in layers.items()
+                        for k in ("lora_A", "lora_B")}})
+
+    return seen, hook
+
+
+def test_on_step_sees_this_steps_gradients_before_the_optimizer_moves_the_parameters(shipped_tiny):
+    seen, hook = _snapshots()
+    model, run = tiny.standard_fine_tune(2, seed=0, base=shipped_tiny, steps=3, on_step=hook)
+    assert [s["step"] for s in seen] == [0, 1, 2] and [s["loss"] for s in seen] == run["losses"]
+    name = "model.layers.0.self_attn.q_proj"
+    assert not seen[0][f"{name}.lora_B"].any()                                     # B_0 = 0: before step 0
+    assert seen[1][f"{name}.lora_B"].any()                                         # moved by step 0
+    assert not seen[0][f"{name}.lora_A.grad"].any() and seen[0][f"{name}.lora_B.grad"].any()   # dL/dA = s B^T G = 0
+    # the gradient the hook sees at step t is the one the optimizer then uses: Adam's first step on B is
+    # -lr_0 * sign(g) entry by entry (|m / sqrt(v)| = 1 at t = 1)
+    lr0 = tiny.RECIPE.lora_lr * tiny.lr_factor(0, 3, 10)
+    step_B = seen[1][f"{name}.lora_B"] - seen[0][f"{name}.lora_B"]
+    g = seen[0][f"{name}.lora_B.grad"]
+    torch.testing.assert_close(step_B[g != 0], -lr0 * torch.sign(g[g != 0]), rtol=1e-3, atol=1e-9)
+
+
+def test_factor_norms_leave_the_recipe_run_unchanged_bit_for_bit(shipped_tiny):
+    """Recording reads and never writes: with FactorNorms (plain AdamW, and LoRA+ at ratio 1, whose groups
+    step each entry alike) the run has the losses and weights of standard_fine_tune, bit for bit."""
+    ref_model, ref = tiny.standard_fine_tune(r=4, seed=1, base=shipped_tiny, steps=4)
+    for ratio in (None, 1.0):
+        model, rec = experiments.recorded_fine_tune(shipped_tiny, 4, 4, seed=1, loraplus_ratio=ratio)
+        assert rec["loss"] == ref["losses"]
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
+
+
+def test_factor_norms_are_the_norms_of_the_factors_and_gradients_the_loop_saw(shipped_tiny):
+    seen, snap = _snapshots()
+    record = experiments.FactorNorms()
+
+    def both(step, model, loss):
+        snap(step, model, loss)
+        record(step, model, loss)
+
+    tiny.standard_fine_tune(4, seed=1, base=shipped_tiny, steps=4, on_step=both)
+    rec = record.result()
+    assert rec["grad_A"].shape == (4, 28) and len(rec["layers"]) == 28
+    for t, s in enumerate(seen):
+        for j, name in enumerate(rec["layers"]):
+            assert rec["grad_A"][t, j] == float(s[f"{name}.lora_A.grad"].norm())
+            assert rec["grad_B"][t, j] == float(s[f"{name}.lora_B.grad"].norm())
+            assert rec["norm_B"][t, j] == float(s[f"{name}.lora_B"].norm())
+            assert rec["moved_A"][t, j] == float((s[f"{name}.lora_A"] - seen[0][f"{name}.lora_A"]).norm())
+    assert not rec["grad_A"][0].any() and rec["grad_B"][0].all()                 # B_0 = 0
+    assert not rec["norm_B"][0].any() and not rec["moved_A"][:2].any() and rec["moved_A"][2].all()   # A lags a step
+
+
+def test_factor_norms_need_lora_layers(shipped_tiny):
+    batches = tiny.example_batches(tiny.task_examples(n=4), 2)
+    model = tiny.build_tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="LoRA layers"):
+        tiny.train_steps(model, batches, 1, optimizer=tiny.adamw(1e-3), on_step=experiments.FactorNorms())
+
+
+def test_train_steps_takes_a_factory_and_train_refuses_two_learning_rates(shipped_tiny):
+    batches = tiny.example_batches(tiny.task_examples(n=4), 2)
+    model = tiny.build_tiny_llama(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match=r"factory model -> torch.optim.Optimizer .* got AdamW"):
+        tiny.train_steps(model, batches, 1, optimizer=opt)
+    with pytest.raises(ValueError, match="steps must be a positive integer, got steps=0"):
+        tiny.train_steps(model, batches, 0, optimizer=tiny.adamw(1e-3))
+    with pytest.raises(ValueError, match=r"pass lr and weight_decay to the optimizer factory, not to train \(got lr=0.01"):
+        tiny.train(model, tiny.task_examples(n=4), 1, lr=1e-2, optimizer=tiny.adamw(1e-3))
+
+
+def test_constant_schedule_and_adamw_groups():
+    """warmup=0, min_lr_frac=1 is a constant learning rate (the QLoRA path's); decay_matrices_only
+    puts norms and biases in a group without weight decay."""
+    assert {tiny.lr_factor(t, 50, 0, 1.0) for t in range(50)} == {1.0}
+    model = tiny.build_tiny_llama(seed=0)
+    opt = tiny.adamw(1e-3, weight_decay=0.1, decay_matrices_only=True)(model)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_example_batches_shuffle_once_and_cycle():
+    examples = [(f"{i} -> ", str(i)) for i in range(5)]
+    order = list(range(5))
+    random.Random(3).shuffle(order)
+    batches = tiny.example_batches(examples, 2, seed=3, collate=list)
+    got = [next(batches) for _ in range(5)]                                      # 10 pairs: the order twice
+    assert sum(got, []) == [examples[i] for i in order + order]
+    first = next(tiny.example_batches(examples, 2, seed=3))
+    assert torch.equal(first["input_ids"], tiny.make_batch([examples[i] for i in order[:2]])["input_ids"])
+    with pytest.raises(ValueError, match="at least one"):
+        tiny.example_batches([], 2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got batch_size=0"):
+        tiny.example_batches(examples, 0)
+
+
+# --------------------------------------------------------------------------- chapter 05
+
+
+def test_weight_gradients_give_the_lora_factor_gradients(shipped_tiny):
+    """G from weight_gradients and eq-ch05-grads: dL/dB = s G A^T and dL/dA = s B^T G on every layer."""
+    torch.manual_seed(0)
+    model = lt.add_lora(tiny.load_tiny_llama(), "all-linear", r=4, alpha=16)
+    with torch.no_grad():
+        for m in lt.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.01)
+    batch = experiments.recipe_batch(0, batch_size=4)
+    flags = [p.requires_grad for p in model.parameters()]
+    G = experiments.weight_gradients(model, batch)
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    model(**batch).loss.backward()
+    for name, m in lt.lora_modules(model).items():
+        A, B = m.lora_A.detach().double(), m.lora_B.detach().double()
+        torch.testing.assert_close(m.lora_B.grad.double(), m.scaling * G[name] @ A.T, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(m.lora_A.grad.double(), m.scaling * B.T @ G[name], rtol=1e-3, atol=1e-8)
+    assert set(experiments.weight_gradients(shipped_tiny, batch)) == set(G)      # the same layers, unadapted
+
+
+def test_recipe_batch_is_the_first_batch_of_the_recipe_run():
+    seen = []
+    base = tiny.load_tiny_llama()
+    original = base.forward
+
+    def spy(**batch):
+        seen.append(batch["input_ids"].clone())
+        return original(**batch)
+
+    base.forward = spy
+    tiny.standard_fine_tune(None, seed=5, base=base, steps=1)                   # the copy keeps the spy
+    assert torch.equal(seen[0], experiments.recipe_batch(5)["input_ids"])
+
+
+def test_step_geometry_at_B_zero_is_the_first_step_geometry(shipped_tiny):
+    from lora_ref import gradient_dynamics as gd
+
+    torch.manual_seed(0)
+    model = lt.add_lora(tiny.load_tiny_llama(), "all-linear", r=4, alpha=16)
+    G = experiments.weight_gradients(model, experiments.recipe_batch(0, batch_size=4))
+    geo = experiments.step_geometry(G, model)
+    for j, (name, g) in enumerate(G.items()):
+        A = lt.lora_modules(model)[name].lora_A.detach().double().numpy()
+        P = gd.row_space_projector(A)
+        assert geo["fraction"][j] == pytest.approx(float(np.linalg.norm(g.numpy() @ P) / np.linalg.norm(g.numpy())))
+        assert geo["cosine"][j] <= geo["fraction"][j] + 1e-9
+
+
+def test_loraplus_sweep_runs_every_ratio_and_seed_and_scores_held_out_pairs(shipped_tiny):
+    sweep = experiments.loraplus_sweep(shipped_tiny, 2, [1, 4], [0, 1], steps=2, lr=1e-3, n_test=4)
+    assert list(sweep) == [1, 4] and all(list(by_seed) == [0, 1] for by_seed in sweep.values())
+    for by_seed in sweep.values():
+        for run in by_seed.values():
+            assert len(run["loss"]) == 2 and math.isfinite(run["test_loss"]) and run["test_loss"] > 0
+    assert sweep[1][0]["loss"][0] == sweep[4][0]["loss"][0]          # same start: the ratio acts from step 1
+    assert sweep[1][0]["loss"][1] != sweep[4][0]["loss"][1]
+
+
+# --------------------------------------------------------------------------- chapter 06
+
+
+def test_with_updates_checks_every_update_before_it_copies(shipped_tiny):
+    name = "model.layers.0.self_attn.k_proj"
+    good = np.zeros(tuple(shipped_tiny.get_submodule(name).weight.shape))
+    with pytest.raises(ValueError, match=r"has shape \(2, 2\), the layer's weight \(64, 128\)"):
+        experiments.with_updates(shipped_tiny, {name: good, "model.layers.1.self_attn.k_proj": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="non-finite"):
+        experiments.with_updates(shipped_tiny, {name: np.full_like(good, np.nan)})
