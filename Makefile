@@ -71,10 +71,11 @@ unit: $(VENV)
 NBVAL := $(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
 # The second pass is plain nbval as a maintainer's CI runs it: none of this Makefile's exports (no
 # LORA_BOOK_QUIET, no thread pinning), no CI variable, no sanitizer; and another SIMD path on one
-# thread, so that checked outputs depend neither on the CPU nor on the environment.
+# thread, so that checked outputs depend neither on the CPU nor on the environment. One thread each, so
+# two notebooks run at once (xdist, each notebook whole on one worker: its cells share a kernel).
 PLAIN_NBVAL := env -u PLOTLY_RENDERER -u OMP_NUM_THREADS -u GOMP_SPINCOUNT -u MKL_DYNAMIC \
 	-u PYDEVD_DISABLE_FILE_VALIDATION -u LORA_BOOK_QUIET -u CI \
-	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:randomly --nbval-lax
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:randomly --nbval-lax -n 2 --dist loadfile
 
 nbval: $(VENV)
 	$(NBVAL) $(NOTEBOOKS)
@@ -85,7 +86,7 @@ browser: $(VENV)
 
 test: $(VENV)
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q tests --ignore=tests/browser
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/browser
 	$(NBVAL) $(NOTEBOOKS)
 	$(PLAIN_NBVAL) $(NOTEBOOKS)
 	$(MAKE) --no-print-directory book

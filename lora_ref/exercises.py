@@ -35,11 +35,6 @@ __all__ = [
     "ch04_kaiming_variance",
     "ch04_false_init_std",
     "ch04_first_step_exponent",
-    "ch08_bits_per_weight",
-    "ch08_nf4_code",
-    "ch07_effective_rank",
-    "ch07_random_similarity",
-    "ch07_random_amplification",
     "ch05_grad_A_by_hand",
     "ch05_adam_first_step",
     "ch05_backward_mac_ratio",
@@ -47,6 +42,11 @@ __all__ = [
     "ch06_eckart_young_error",
     "ch06_rank_for_energy",
     "ch06_saddle_loss",
+    "ch07_effective_rank",
+    "ch07_random_similarity",
+    "ch07_random_amplification",
+    "ch08_bits_per_weight",
+    "ch08_nf4_code",
     "ch09_linear_cross_term",
     "ch09_adapters_that_fit",
     "ch09_padding_overhead",
@@ -207,38 +207,6 @@ def ch02_bf16_spacing(answer, mantissa_bits=7):
     return check(f"the spacing of {fmt} in [1, 2) (exact)", answer, expected, rtol=0, hint=hint)
 
 
-# --------------------------------------------------------------------------- chapter 04
-
-
-def ch04_kaiming_variance(answer, k=4096):
-    """Var(A_ij) of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k."""
-    from . import initialization
-
-    expected = initialization.a_variance("kaiming", k, 1)
-    return check(f"Var(A_ij) of PEFT's default init at k={k} (4 significant figures)", answer, expected,
-                 sig_figs=4, hint="the bound is gain * sqrt(3 / fan_in) with gain sqrt(2 / (1 + a^2)), a = sqrt(5); "
-                 "then Var U(-b, b) = (1 / 2b) * integral of x^2 from -b to b.")
-
-
-def ch04_false_init_std(answer, k=4096):
-    """Standard deviation of (BA)_ij under PEFT's init_lora_weights=False, fan_in k."""
-    from . import initialization
-
-    expected = math.sqrt(initialization.peft_false_ba_variance(k))
-    return check(f"sd of (BA)_ij with init_lora_weights=False, k={k} (4 significant figures)", answer, expected,
-                 sig_figs=4, hint="both factors keep nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B's fan_in is r. "
-                 "Multiply the variance of a product by r, then take the square root.")
-
-
-def ch04_first_step_exponent(answer, optimizer="adam", init="gaussian", rule="alpha/sqrt(r)"):
-    """The exponent e of r in the size of the adapter's output after the first step from B = 0."""
-    from . import initialization
-
-    expected = float(initialization.first_step_exponent(optimizer, init, rule))
-    return check(f"exponent of r, {optimizer}, {init} A, s = {rule} (exact)", answer, expected, atol=1e-12,
-                 hint="write the first step's output size with s, r and Var(A_ij), then put in how each depends on r.")
-
-
 # --------------------------------------------------------------------------- chapter 03
 
 
@@ -284,85 +252,36 @@ def ch03_retune_factor(answer, r_from=16, r_to=64, rule="alpha/r", optimizer="sg
     )
 
 
-# --------------------------------------------------------------------------- chapter 08
+# --------------------------------------------------------------------------- chapter 04
 
 
-def ch08_bits_per_weight(answer, blocksize=32):
-    """Bits per weight of NF4 with double quantisation for a given first-level block size."""
-    expected = budget.nf4_bits_per_param(blocksize, double_quant=True)
-    return check(
-        f"NF4 bits per weight with double quantisation, blocksize {blocksize} (5 significant figures)", answer,
-        expected, sig_figs=5,
-        hint="4 bits of code, plus the 8-bit constant shared by the block, plus one fp32 scale "
-        "shared by 256 blocks: 4 + 8/B + 32/(256 B).",
-    )
+def ch04_kaiming_variance(answer, k=4096):
+    """Var(A_ij) of PEFT's default A init, kaiming_uniform_(a=sqrt(5)), for fan_in k."""
+    from . import initialization
+
+    expected = initialization.a_variance("kaiming", k, 1)
+    return check(f"Var(A_ij) of PEFT's default init at k={k} (4 significant figures)", answer, expected,
+                 sig_figs=4, hint="the bound is gain * sqrt(3 / fan_in) with gain sqrt(2 / (1 + a^2)), a = sqrt(5); "
+                 "then Var U(-b, b) = (1 / 2b) * integral of x^2 from -b to b.")
 
 
-def ch08_nf4_code(answer, w=0.3, absmax=1.2):
-    """The NF4 code (0..15) of weight w in a block with absmax c: the nearest level of w / c.
+def ch04_false_init_std(answer, k=4096):
+    """Standard deviation of (BA)_ij under PEFT's init_lora_weights=False, fan_in k."""
+    from . import initialization
 
-    The expected code comes from the library's quantiser (``quant.nf4_codes``, bitsandbytes'
-    bucketing in float32) on a block that holds w and a weight of size c, so c is its absmax.
-    """
-    import torch
-
-    from . import quant
-
-    if not 0 < absmax or not abs(w) <= absmax:
-        raise ValueError(f"need 0 < absmax and |w| <= absmax (absmax is the block's largest |w|), "
-                         f"got w={w}, absmax={absmax}")
-    expected = int(quant.nf4_codes(torch.tensor([w, absmax], dtype=torch.float32), blocksize=2)[0])
-    return check(
-        f"NF4 code of w={w} with absmax {absmax} (an integer, 0-15)", answer, expected, rtol=0,
-        hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "
-        "of quant.nf4_codebook() (index 7 is the zero).",
-    )
+    expected = math.sqrt(initialization.peft_false_ba_variance(k))
+    return check(f"sd of (BA)_ij with init_lora_weights=False, k={k} (4 significant figures)", answer, expected,
+                 sig_figs=4, hint="both factors keep nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B's fan_in is r. "
+                 "Multiply the variance of a product by r, then take the square root.")
 
 
-# --------------------------------------------------------------------------- chapter 07
+def ch04_first_step_exponent(answer, optimizer="adam", init="gaussian", rule="alpha/sqrt(r)"):
+    """The exponent e of r in the size of the adapter's output after the first step from B = 0."""
+    from . import initialization
 
-
-def ch07_effective_rank(answer, sigma=(4.0, 2.0, 1.0, 1.0)):
-    """The effective rank (Roy & Vetterli) of a matrix with singular values ``sigma``, 4 significant figures."""
-    from . import spectral
-
-    expected = spectral.effective_rank_of_spectrum(np.asarray(sigma, dtype=np.float64))
-    return check(
-        f"effective rank of diag{tuple(float(x) for x in sigma)} (4 significant figures)", answer, expected,
-        sig_figs=4,
-        hint="normalise the singular values to p_i = sigma_i / sum_j sigma_j, then erank = exp(-sum p_i log p_i) "
-        "= prod p_i^(-p_i); with powers of 2 the product is a power of 2.",
-    )
-
-
-def ch07_random_similarity(answer, i=4, j=16, k=128):
-    """E[phi] between a fixed i-dimensional and a uniformly random j-dimensional subspace of R^k, exact."""
-    from . import adapter_geometry
-
-    expected = adapter_geometry.random_subspace_similarity(i, j, k)
-    hint = ("E[V V^T] = (j/k) I for a random j-dimensional V with orthonormal columns; "
-            "then E||U^T V||_F^2 = tr(U^T E[V V^T] U), and phi divides by min(i, j).")
-    try:
-        if math.isclose(float(answer), i * j / k) or math.isclose(float(answer), min(i, j) / k):
-            hint = "close: that is E||U^T V||_F^2 or min(i, j)/k; phi divides i j / k by min(i, j)."
-    except (TypeError, ValueError):
-        pass
-    return check(f"E[phi] for random subspaces, i={i}, j={j}, k={k} (exact)", answer, expected, rtol=1e-12,
-                 hint=hint)
-
-
-def ch07_random_amplification(answer, delta_w_fro=3.57, w0_fro=61.95, d=12288, k=12288, r=64):
-    """The amplification factor a rank-r update of norm ||Delta W||_F would have if its top-r directions
-    were random (the root-mean-square denominator), 3 significant figures."""
-    from . import adapter_geometry
-
-    expected = delta_w_fro / adapter_geometry.random_projected_norm(w0_fro, d, k, r)
-    return check(
-        f"amplification factor of a rank-{r} update of norm {delta_w_fro} in random directions of a "
-        f"({d}, {k}) W0 of norm {w0_fro} (3 significant figures)", answer, expected, sig_figs=3,
-        hint="for random orthonormal U (d, r) and V (k, r), E[U U^T] = (r/d) I and E[V V^T] = (r/k) I, so "
-        "E||U^T W0 V||_F^2 = (r/d)(r/k)||W0||_F^2; divide ||Delta W||_F by its square root.",
-    )
+    expected = float(initialization.first_step_exponent(optimizer, init, rule))
+    return check(f"exponent of r, {optimizer}, {init} A, s = {rule} (exact)", answer, expected, atol=1e-12,
+                 hint="write the first step's output size with s, r and Var(A_ij), then put in how each depends on r.")
 
 
 # --------------------------------------------------------------------------- chapter 05
@@ -456,6 +375,87 @@ def ch06_saddle_loss(answer, sigma=(4.0, 3.0, 2.0, 1.0), kept=(1, 3)):
         "(exact)", answer, expected, rtol=1e-12,
         hint="at a critical point B A = sum over the kept i of sigma_i u_i v_i^T; the residual holds the other "
         "directions, and the loss is half the sum of their squared singular values.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 07
+
+
+def ch07_effective_rank(answer, sigma=(4.0, 2.0, 1.0, 1.0)):
+    """The effective rank (Roy & Vetterli) of a matrix with singular values ``sigma``, 4 significant figures."""
+    from . import spectral
+
+    expected = spectral.effective_rank_of_spectrum(np.asarray(sigma, dtype=np.float64))
+    return check(
+        f"effective rank of diag{tuple(float(x) for x in sigma)} (4 significant figures)", answer, expected,
+        sig_figs=4,
+        hint="normalise the singular values to p_i = sigma_i / sum_j sigma_j, then erank = exp(-sum p_i log p_i) "
+        "= prod p_i^(-p_i); with powers of 2 the product is a power of 2.",
+    )
+
+
+def ch07_random_similarity(answer, i=4, j=16, k=128):
+    """E[phi] between a fixed i-dimensional and a uniformly random j-dimensional subspace of R^k, exact."""
+    from . import adapter_geometry
+
+    expected = adapter_geometry.random_subspace_similarity(i, j, k)
+    hint = ("E[V V^T] = (j/k) I for a random j-dimensional V with orthonormal columns; "
+            "then E||U^T V||_F^2 = tr(U^T E[V V^T] U), and phi divides by min(i, j).")
+    try:
+        if math.isclose(float(answer), i * j / k) or math.isclose(float(answer), min(i, j) / k):
+            hint = "close: that is E||U^T V||_F^2 or min(i, j)/k; phi divides i j / k by min(i, j)."
+    except (TypeError, ValueError):
+        pass
+    return check(f"E[phi] for random subspaces, i={i}, j={j}, k={k} (exact)", answer, expected, rtol=1e-12,
+                 hint=hint)
+
+
+def ch07_random_amplification(answer, delta_w_fro=3.57, w0_fro=61.95, d=12288, k=12288, r=64):
+    """The amplification factor a rank-r update of norm ||Delta W||_F would have if its top-r directions
+    were random (the root-mean-square denominator), 3 significant figures."""
+    from . import adapter_geometry
+
+    expected = delta_w_fro / adapter_geometry.random_projected_norm(w0_fro, d, k, r)
+    return check(
+        f"amplification factor of a rank-{r} update of norm {delta_w_fro} in random directions of a "
+        f"({d}, {k}) W0 of norm {w0_fro} (3 significant figures)", answer, expected, sig_figs=3,
+        hint="for random orthonormal U (d, r) and V (k, r), E[U U^T] = (r/d) I and E[V V^T] = (r/k) I, so "
+        "E||U^T W0 V||_F^2 = (r/d)(r/k)||W0||_F^2; divide ||Delta W||_F by its square root.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 08
+
+
+def ch08_bits_per_weight(answer, blocksize=32):
+    """Bits per weight of NF4 with double quantisation for a given first-level block size."""
+    expected = budget.nf4_bits_per_param(blocksize, double_quant=True)
+    return check(
+        f"NF4 bits per weight with double quantisation, blocksize {blocksize} (5 significant figures)", answer,
+        expected, sig_figs=5,
+        hint="4 bits of code, plus the 8-bit constant shared by the block, plus one fp32 scale "
+        "shared by 256 blocks: 4 + 8/B + 32/(256 B).",
+    )
+
+
+def ch08_nf4_code(answer, w=0.3, absmax=1.2):
+    """The NF4 code (0..15) of weight w in a block with absmax c: the nearest level of w / c.
+
+    The expected code comes from the library's quantiser (``quant.nf4_codes``, bitsandbytes'
+    bucketing in float32) on a block that holds w and a weight of size c, so c is its absmax.
+    """
+    import torch
+
+    from . import quant
+
+    if not 0 < absmax or not abs(w) <= absmax:
+        raise ValueError(f"need 0 < absmax and |w| <= absmax (absmax is the block's largest |w|), "
+                         f"got w={w}, absmax={absmax}")
+    expected = int(quant.nf4_codes(torch.tensor([w, absmax], dtype=torch.float32), blocksize=2)[0])
+    return check(
+        f"NF4 code of w={w} with absmax {absmax} (an integer, 0-15)", answer, expected, rtol=0,
+        hint="divide w by the block's absmax, then find the index of the nearest of the 16 sorted levels "
+        "of quant.nf4_codebook() (index 7 is the zero).",
     )
 
 

@@ -17,13 +17,14 @@ import plotly.graph_objects as go
 
 __all__ = [
     "COLORS", "themed", "stepped_figure", "log_axis", "wrap_title", "finish_layout", "show",
-    "lora_params_figure", "memory_figure", "forward_cost_figure", "merge_error_figure",
-    "codebook_figure", "blocksize_figure", "loss_curves_figure",
-    "code_frequency_figure", "merge_regimes_figure", "rank_sweep_figure",
+    "lora_params_figure", "memory_figure",
+    "forward_cost_figure", "merge_error_figure",
+    "rank_sweep_figure",
     "ba_entry_law_figure",
-    "subspace_similarity_figure", "effective_rank_figure", "intruders_forgetting_figure",
     "gradient_norms_figure", "step_projection_figure", "loraplus_figure",
     "eckart_young_gd_figure", "update_spectra_figure", "truncation_vs_lora_figure",
+    "subspace_similarity_figure", "effective_rank_figure", "intruders_forgetting_figure",
+    "codebook_figure", "blocksize_figure", "loss_curves_figure", "code_frequency_figure", "merge_regimes_figure",
     "task_arithmetic_figure", "swap_drift_figure", "multi_adapter_figure",
 ]
 
@@ -298,186 +299,6 @@ def merge_error_figure(ratios, errors):
     return themed(fig)
 
 
-# --------------------------------------------------------------------------- chapter 08
-
-
-def codebook_figure(codebooks, offset):
-    """Each 4-bit grid's 16 levels over the N(0, 1) density scaled to [-1, 1]; slider over the grid.
-
-    codebooks: {name: sorted levels in [-1, 1]}. NF4's levels are quantiles of N(0, 1) divided
-    by Phi^-1(offset), so the density drawn is that of xi / Phi^-1(offset), xi ~ N(0, 1).
-    """
-    from statistics import NormalDist
-
-    q = NormalDist().inv_cdf(offset)
-    xs = [i / 200 for i in range(-220, 221)]
-    dens = [q * NormalDist().pdf(x * q) for x in xs]                 # density of xi / q at x
-    top = max(dens)
-    steps = []
-    for name, levels in codebooks.items():
-        lv = [float(v) for v in levels]
-        traces = [
-            go.Scatter(x=xs, y=dens, mode="lines", name="density of normal weights / Φ⁻¹(offset)",
-                       line=dict(color=COLORS["sky"]), fill="tozeroy", hoverinfo="skip"),
-            go.Scatter(x=[v for v in lv for _ in (0, 1, 2)], y=[y for _ in lv for y in (0, top * 1.05, None)],
-                       mode="lines", name=f"{name} levels", line=dict(color=COLORS["red"], width=1.5),
-                       legendgroup=f"{name} levels", hoverinfo="skip"),
-            go.Scatter(x=lv, y=[top * 1.05] * len(lv), mode="markers", name=f"{name} level values",
-                       marker=dict(color=COLORS["red"], size=7), showlegend=False, legendgroup=f"{name} levels",
-                       hovertemplate="level %{x:.4f}<extra>" + name + "</extra>"),
-        ]
-        gaps = [b - a for a, b in zip(lv, lv[1:])]
-        steps.append((name, traces, f"{name}: {len(lv)} levels, gaps from {min(gaps):.3f} to {max(gaps):.3f}"))
-    return stepped_figure(
-        steps, "grid", active=0,
-        xaxis=dict(title="level value v; for the density, ξ / Φ⁻¹(offset) with ξ ~ N(0, 1) (dimensionless)",
-                   range=[-1.1, 1.1]),
-        yaxis=dict(title="probability density of ξ / Φ⁻¹(offset)", rangemode="tozero"),
-    )
-
-
-def blocksize_figure(blocksizes, scaled_hists, edges, mse, levels):
-    """Histogram of w / c_j per block size (slider), with NF4's levels; and the MSE of each grid.
-
-    scaled_hists: {b: counts over ``edges``}; mse: {b: {grid name: mean squared error}};
-    levels: NF4's levels, drawn as ticks. Larger blocks have larger absmax c_j, so w / c_j
-    crowds near 0 and uses fewer of the 16 levels.
-    """
-    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    top = max(max(h) for h in scaled_hists.values())
-    steps = []
-    for b in blocksizes:
-        errs = mse[b]
-        traces = [
-            go.Bar(x=centres, y=scaled_hists[b], name="weights / c<sub>j</sub>", marker_color=COLORS["sky"],
-                   hovertemplate="%{x:.2f}: %{y}<extra></extra>"),
-            go.Scatter(x=[float(v) for v in levels], y=[top * 1.02] * len(levels), mode="markers",
-                       name="NF4 levels", marker=dict(symbol="line-ns-open", size=14, color=COLORS["red"])),
-        ]
-        summary = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-        steps.append((b, traces, f"Blocks of {b}: mean squared error {summary}"))
-    return stepped_figure(
-        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0, bargap=0,
-        xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.05, 1.05]),
-        yaxis=dict(title="count of weights", rangemode="tozero"),
-    )
-
-
-def loss_curves_figure(curves, title, yaxis_title="training loss (nats per answer byte)"):
-    """One line per run: {name: [loss per step]}."""
-    fig = go.Figure()
-    for i, (name, losses) in enumerate(curves.items()):
-        fig.add_trace(go.Scatter(x=list(range(1, len(losses) + 1)), y=list(losses), name=name,
-                                 mode="lines", line=dict(color=PALETTE[i], dash="solid" if i == 0 else "dash"),
-                                 hovertemplate="step %{x}: %{y:.4f}<extra>" + name + "</extra>"))
-    fig.update_layout(title_text=title, xaxis_title="step", yaxis_title=yaxis_title)
-    return themed(fig)
-
-
-def code_frequency_figure(blocksizes, freqs, entropies, design):
-    """How often each NF4 code is used after blockwise absmax scaling; slider over the block size.
-
-    freqs: {b: 16 fractions, one per code 0..15}; entropies: {b: entropy of freqs in bits};
-    design: the 16 fractions if w / c_j were xi / Phi^-1(offset), xi ~ N(0, 1) (what the levels
-    assume). A dotted line marks 1/16, the uniform use that 4 bits of entropy would need.
-    """
-    codes = list(range(16))
-    steps, top = [], 0.0
-    for b in blocksizes:
-        f = [100 * float(x) for x in freqs[b]]
-        top = max(top, max(f))
-        traces = [
-            go.Bar(x=codes, y=f, name="measured, N(0, 1) weights", marker_color=COLORS["blue"],
-                   hovertemplate="code %{x}: %{y:.2f}% of the weights<extra></extra>"),
-            go.Scatter(x=codes, y=[100 * float(x) for x in design], mode="lines+markers",
-                       name="if w / c<sub>j</sub> were ξ / Φ⁻¹(offset)", line=dict(color=COLORS["orange"]),
-                       hovertemplate="code %{x}: %{y:.2f}%<extra>design assumption</extra>"),
-            go.Scatter(x=[-0.5, 15.5], y=[100 / 16] * 2, mode="lines", name="uniform, 1/16: 4 bits",
-                       line=dict(color=COLORS["black"], dash="dot"), hoverinfo="skip"),
-        ]
-        lo, hi = min(f), max(f)
-        steps.append((b, traces, f"Blocks of {b}: the 16 codes are used {lo:.1f}% to {hi:.1f}% of the time, "
-                                 f"{entropies[b]:.2f} bits of entropy, not 4"))
-    fig = stepped_figure(
-        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0,
-        xaxis=dict(title="NF4 code (index into the sorted levels; 7 is the zero)", tickmode="linear", dtick=1),
-        yaxis=dict(title="share of the weights (%)", range=[0, 1.05 * top]),
-    )
-    return fig
-
-
-def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
-    """How much of an update a merge loses, against the update's size; one line per storage format.
-
-    rel_sizes: ||dW|| / ||W0||; errors: {format: [||merged - (base + dW)|| / ||dW|| per size]}
-    (lora_ref.quant.merge_error_curve). Log axes; a dashed line at 1, where the error is as large
-    as the update itself. adapter_range: (lo, hi) relative sizes of a trained adapter, shaded.
-    The title states each format's error at the size nearest to ``at``.
-    """
-    fig = go.Figure()
-    for i, (name, errs) in enumerate(errors.items()):
-        fig.add_trace(go.Scatter(x=list(rel_sizes), y=list(errs), name=name, mode="lines+markers",
-                                 marker_color=PALETTE[i],
-                                 hovertemplate="update %{x:.1e} of W0: error %{y:.3g} of the update<extra>"
-                                 + name + "</extra>"))
-    nonzero = [e for errs in errors.values() for e in errs if e > 0]
-    # on log axes, annotations take log10 coordinates (shapes take data values)
-    fig.add_hline(y=1, line=dict(color=COLORS["black"], dash="dash"))
-    fig.add_annotation(x=math.log10(min(rel_sizes)), y=0, text="error = the whole update", showarrow=False, bgcolor="rgba(255,255,255,0.8)",
-                       xanchor="left", yanchor="top")
-    if adapter_range is not None:
-        lo, hi = adapter_range
-        fig.add_vrect(x0=lo, x1=hi, fillcolor=COLORS["sky"], opacity=0.25, line_width=0)
-        fig.add_annotation(x=math.log10(lo), y=math.log10(min(nonzero)), text="this chapter's adapter",
-                           showarrow=False, xanchor="right", yanchor="bottom")
-    j = min(range(len(rel_sizes)), key=lambda i: abs(math.log10(rel_sizes[i] / at)))
-    pct = lambda e: f"{100 * e:.0f}%" if e >= 0.1 else f"{100 * e:.2g}%"
-    parts = ", ".join(f"{name} {pct(errs[j])}" for name, errs in errors.items())
-    fig.update_layout(
-        title_text=f"The smaller the update, the more of it a merge loses.<br>At ‖ΔW‖ / ‖W0‖ = {rel_sizes[j]:.0e}, "
-                   f"error / update:<br>{parts}",
-        xaxis=dict(log_axis("size of the update, ‖ΔW‖ / ‖W0‖ (Frobenius, log scale)", list(rel_sizes)),
-                   exponentformat="power"),
-        yaxis=dict(log_axis("merge error / ‖ΔW‖ (log scale)", nonzero + [1.0]), exponentformat="power"),
-    )
-    themed(fig, height=480)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
-    return fig
-
-
-# --------------------------------------------------------------------------- chapter 04
-
-
-def ba_entry_law_figure(r_values, samples, kurtosis_closed, bins=60, span=4.0):
-    """The law of one standardised entry of B A against N(0, 1), with a slider over r.
-
-    samples: {r: (n,) draws of (BA)_ij}; kurtosis_closed: {r: excess kurtosis from the closed form}.
-    Each step: a density histogram of (x - mean) / sd over [-span, span] and the normal density.
-    """
-    import numpy as np
-
-    edges = np.linspace(-span, span, bins + 1)
-    mids = 0.5 * (edges[:-1] + edges[1:])
-    grid = np.linspace(-span, span, 241)
-    normal = np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi)
-    steps = []
-    for r in r_values:
-        x = np.asarray(samples[r], dtype=float)
-        t = (x - x.mean()) / x.std()
-        dens, _ = np.histogram(t, bins=edges)
-        dens = dens / (t.size * (edges[1] - edges[0]))          # a density over the whole sample
-        traces = [go.Bar(x=mids, y=dens, name="entry of B A, standardised", marker_color=COLORS["blue"],
-                         opacity=0.7, hovertemplate="%{x:.2f}: density %{y:.3f}<extra></extra>"),
-                  go.Scatter(x=grid, y=normal, name="N(0, 1)", mode="lines", line=dict(color=COLORS["red"]),
-                             hovertemplate="%{x:.2f}: %{y:.3f}<extra>N(0, 1)</extra>")]
-        steps.append((r, traces, f"r = {r}: an entry of B A is " + ("one product" if r == 1 else f"a sum of {r} products") + "; "
-                                 f"excess kurtosis {float(kurtosis_closed[r]):.3g} → 0 as r grows"))
-    return stepped_figure(steps, "r", active=0, bargap=0,
-                          xaxis=dict(title="standardised entry ((BA)ᵢⱼ − mean) / sd (dimensionless)",
-                                     range=[-span, span]),
-                          yaxis=dict(title="probability density (per unit)", range=[0, 1.0]))
-
-
 # --------------------------------------------------------------------------- chapter 03
 
 
@@ -522,95 +343,37 @@ def rank_sweep_figure(ranks, runs, active_r=64):
     return fig
 
 
-# --------------------------------------------------------------------------- chapter 07
+# --------------------------------------------------------------------------- chapter 04
 
 
-def subspace_similarity_figure(frames, left_title, right_title, active=0):
-    """Two heatmaps of the LoRA paper's phi(A1, A2, i, j) side by side; the slider picks the layer
-    and module. frames: [(label, left (I, J) grid, right (I', J') grid, title)], grids in [0, 1]
-    (lora_ref.adapter_geometry.similarity_grid); left_title, right_title: what each panel compares."""
+def ba_entry_law_figure(r_values, samples, kurtosis_closed, bins=60, span=4.0):
+    """The law of one standardised entry of B A against N(0, 1), with a slider over r.
+
+    samples: {r: (n,) draws of (BA)_ij}; kurtosis_closed: {r: excess kurtosis from the closed form}.
+    Each step: a density histogram of (x - mean) / sd over [-span, span] and the normal density.
+    """
     import numpy as np
 
+    edges = np.linspace(-span, span, bins + 1)
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    grid = np.linspace(-span, span, 241)
+    normal = np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi)
     steps = []
-    for label, left, right, title in frames:
-        traces = []
-        for n, (grid, xa, ya) in enumerate(((left, "x", "y"), (right, "x2", "y2"))):
-            z = np.rint(100 * np.asarray(grid, dtype=float)).astype(np.uint8)     # hundredths: a small page
-            traces.append(go.Heatmap(
-                z=z, x=list(range(1, z.shape[1] + 1)), y=list(range(1, z.shape[0] + 1)),
-                zmin=0, zmax=100, colorscale="Viridis", xaxis=xa, yaxis=ya, showscale=n == 0,
-                colorbar=dict(title="φ", len=0.8, tickvals=[0, 25, 50, 75, 100],
-                              ticktext=["0", "0.25", "0.5", "0.75", "1"]),
-                name=(left_title, right_title)[n],
-                hovertemplate="i = %{y}, j = %{x}: φ = %{z}/100<extra></extra>"))
-        steps.append((label, traces, title))
-    fig = stepped_figure(
-        steps, "layer, module", active=active, height=470,
-        xaxis=dict(title=f"j (top directions of the 2nd A)<br>{left_title}", domain=[0, 0.4]),
-        yaxis=dict(title="i (top directions of the 1st A)", autorange="reversed"),
-        xaxis2=dict(title=f"j (top directions of the 2nd A)<br>{right_title}", domain=[0.5, 0.9], anchor="y2"),
-        yaxis2=dict(autorange="reversed", anchor="x2"),
-    )
-    fig.update_layout(margin=dict(b=90))
-    return fig
-
-
-def effective_rank_figure(eranks, random_erank):
-    """The effective rank of every layer's ΔW, one box per fine-tune (all layers and seeds), against
-    the rank r (dashes) and a random rank-r product B A of the same shapes (diamonds).
-
-    eranks: {label ("r = 4", ..., "full"): [erank of each layer and seed]};
-    random_erank: {label: erank of a random rank-r product} (LoRA labels only)."""
-    labels = list(eranks)
-    ranks = {lab: int(lab.split("=")[1]) for lab in labels if lab.startswith("r =")}
-    fig = go.Figure()
-    fig.add_trace(go.Box(x=[lab for lab in labels for _ in eranks[lab]], y=[v for lab in labels for v in eranks[lab]],
-                         name="trained ΔW, each layer and seed", boxpoints="all", jitter=0.5, pointpos=0,
-                         marker=dict(color=COLORS["blue"], size=4), line=dict(color=COLORS["blue"]),
-                         hovertemplate="%{x}: erank %{y:.2f}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=list(ranks), y=list(ranks.values()), mode="markers", name="the rank r",
-                             marker=dict(symbol="line-ew-open", size=40, color=COLORS["black"], line=dict(width=2)),
-                             hovertemplate="%{x}: r = %{y}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=list(random_erank), y=list(random_erank.values()), mode="markers",
-                             name="random B A of rank r", marker=dict(symbol="diamond", size=10, color=COLORS["orange"]),
-                             hovertemplate="%{x}: random erank %{y:.2f}<extra></extra>"))
-    values = [v for lab in labels for v in eranks[lab]] + list(ranks.values())
-    import statistics
-
-    median = {lab: statistics.median(v) for lab, v in eranks.items()}
-    big = max(ranks, key=ranks.get)
-    fig.update_layout(
-        title_text=(f"Trained adapters use fewer directions than r: median erank {median[big]:.1f} at {big}"
-                    + (f", {median['full']:.1f} for full fine-tuning" if "full" in median else "")),
-        xaxis_title="fine-tune", yaxis=log_axis("effective rank of ΔW (log scale)", values),
-    )
-    return themed(fig, height=440)
-
-
-def intruders_forgetting_figure(points, base_text_loss):
-    """Forgetting against intruder dimensions, one marker per fine-tune.
-
-    points: [(group label, seed, intruders summed over the layers, loss per byte on held-out
-    pretraining text after the fine-tune)]; base_text_loss: the same loss before it."""
-    groups = list(dict.fromkeys(p[0] for p in points))
-    fig = go.Figure()
-    for n, g in enumerate(groups):
-        pts = [p for p in points if p[0] == g]
-        fig.add_trace(go.Scatter(
-            x=[p[2] for p in pts], y=[p[3] for p in pts], mode="markers", name=g, customdata=[p[1] for p in pts],
-            marker=dict(size=11, color=PALETTE[n % len(PALETTE)], symbol="square" if g == "full" else "circle"),
-            hovertemplate=g + ", seed %{customdata}: %{x} intruders, %{y:.3f} nats/byte<extra></extra>"))
-    fig.add_hline(y=base_text_loss, line=dict(color=COLORS["black"], dash="dot"),
-                  annotation_text=f"pretrained model: {base_text_loss:.3f}", annotation_position="bottom right")
-    least = min(points, key=lambda p: p[3])
-    lora = [p[2] for p in points if p is not least]
-    fig.update_layout(
-        title_text=(f"The fine-tune that forgets least ({least[0]}, {least[3]:.2f} nats/byte) has {least[2]} "
-                    f"intruders;<br>the others have {min(lora)} to {max(lora)}, and every run forgets"),
-        xaxis_title="intruder dimensions, summed over the 28 adapted matrices (count)",
-        yaxis_title="loss on held-out pretraining text (nats per byte)",
-    )
-    return themed(fig, height=440)
+    for r in r_values:
+        x = np.asarray(samples[r], dtype=float)
+        t = (x - x.mean()) / x.std()
+        dens, _ = np.histogram(t, bins=edges)
+        dens = dens / (t.size * (edges[1] - edges[0]))          # a density over the whole sample
+        traces = [go.Bar(x=mids, y=dens, name="entry of B A, standardised", marker_color=COLORS["blue"],
+                         opacity=0.7, hovertemplate="%{x:.2f}: density %{y:.3f}<extra></extra>"),
+                  go.Scatter(x=grid, y=normal, name="N(0, 1)", mode="lines", line=dict(color=COLORS["red"]),
+                             hovertemplate="%{x:.2f}: %{y:.3f}<extra>N(0, 1)</extra>")]
+        steps.append((r, traces, f"r = {r}: an entry of B A is " + ("one product" if r == 1 else f"a sum of {r} products") + "; "
+                                 f"excess kurtosis {float(kurtosis_closed[r]):.3g} → 0 as r grows"))
+    return stepped_figure(steps, "r", active=0, bargap=0,
+                          xaxis=dict(title="standardised entry ((BA)ᵢⱼ − mean) / sd (dimensionless)",
+                                     range=[-span, span]),
+                          yaxis=dict(title="probability density (per unit)", range=[0, 1.0]))
 
 
 # --------------------------------------------------------------------------- chapter 05
@@ -898,6 +661,244 @@ def truncation_vs_lora_figure(ranks, curves, references, active_r=8):
         xaxis2=dict(xaxis, title="rank r (log scale)", domain=[0.58, 1], anchor="y2"),
         yaxis2=dict(title="held-out exact match (fraction of 200 dates)", range=[-0.03, 1.03], anchor="x2"),
     )
+    return fig
+
+
+# --------------------------------------------------------------------------- chapter 07
+
+
+def subspace_similarity_figure(frames, left_title, right_title, active=0):
+    """Two heatmaps of the LoRA paper's phi(A1, A2, i, j) side by side; the slider picks the layer
+    and module. frames: [(label, left (I, J) grid, right (I', J') grid, title)], grids in [0, 1]
+    (lora_ref.adapter_geometry.similarity_grid); left_title, right_title: what each panel compares."""
+    import numpy as np
+
+    steps = []
+    for label, left, right, title in frames:
+        traces = []
+        for n, (grid, xa, ya) in enumerate(((left, "x", "y"), (right, "x2", "y2"))):
+            z = np.rint(100 * np.asarray(grid, dtype=float)).astype(np.uint8)     # hundredths: a small page
+            traces.append(go.Heatmap(
+                z=z, x=list(range(1, z.shape[1] + 1)), y=list(range(1, z.shape[0] + 1)),
+                zmin=0, zmax=100, colorscale="Viridis", xaxis=xa, yaxis=ya, showscale=n == 0,
+                colorbar=dict(title="φ", len=0.8, tickvals=[0, 25, 50, 75, 100],
+                              ticktext=["0", "0.25", "0.5", "0.75", "1"]),
+                name=(left_title, right_title)[n],
+                hovertemplate="i = %{y}, j = %{x}: φ = %{z}/100<extra></extra>"))
+        steps.append((label, traces, title))
+    fig = stepped_figure(
+        steps, "layer, module", active=active, height=470,
+        xaxis=dict(title=f"j (top directions of the 2nd A)<br>{left_title}", domain=[0, 0.4]),
+        yaxis=dict(title="i (top directions of the 1st A)", autorange="reversed"),
+        xaxis2=dict(title=f"j (top directions of the 2nd A)<br>{right_title}", domain=[0.5, 0.9], anchor="y2"),
+        yaxis2=dict(autorange="reversed", anchor="x2"),
+    )
+    fig.update_layout(margin=dict(b=90))
+    return fig
+
+
+def effective_rank_figure(eranks, random_erank):
+    """The effective rank of every layer's ΔW, one box per fine-tune (all layers and seeds), against
+    the rank r (dashes) and a random rank-r product B A of the same shapes (diamonds).
+
+    eranks: {label ("r = 4", ..., "full"): [erank of each layer and seed]};
+    random_erank: {label: erank of a random rank-r product} (LoRA labels only)."""
+    labels = list(eranks)
+    ranks = {lab: int(lab.split("=")[1]) for lab in labels if lab.startswith("r =")}
+    fig = go.Figure()
+    fig.add_trace(go.Box(x=[lab for lab in labels for _ in eranks[lab]], y=[v for lab in labels for v in eranks[lab]],
+                         name="trained ΔW, each layer and seed", boxpoints="all", jitter=0.5, pointpos=0,
+                         marker=dict(color=COLORS["blue"], size=4), line=dict(color=COLORS["blue"]),
+                         hovertemplate="%{x}: erank %{y:.2f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(ranks), y=list(ranks.values()), mode="markers", name="the rank r",
+                             marker=dict(symbol="line-ew-open", size=40, color=COLORS["black"], line=dict(width=2)),
+                             hovertemplate="%{x}: r = %{y}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(random_erank), y=list(random_erank.values()), mode="markers",
+                             name="random B A of rank r", marker=dict(symbol="diamond", size=10, color=COLORS["orange"]),
+                             hovertemplate="%{x}: random erank %{y:.2f}<extra></extra>"))
+    values = [v for lab in labels for v in eranks[lab]] + list(ranks.values())
+    import statistics
+
+    median = {lab: statistics.median(v) for lab, v in eranks.items()}
+    big = max(ranks, key=ranks.get)
+    fig.update_layout(
+        title_text=(f"Trained adapters use fewer directions than r: median erank {median[big]:.1f} at {big}"
+                    + (f", {median['full']:.1f} for full fine-tuning" if "full" in median else "")),
+        xaxis_title="fine-tune", yaxis=log_axis("effective rank of ΔW (log scale)", values),
+    )
+    return themed(fig, height=440)
+
+
+def intruders_forgetting_figure(points, base_text_loss):
+    """Forgetting against intruder dimensions, one marker per fine-tune.
+
+    points: [(group label, seed, intruders summed over the layers, loss per byte on held-out
+    pretraining text after the fine-tune)]; base_text_loss: the same loss before it."""
+    groups = list(dict.fromkeys(p[0] for p in points))
+    fig = go.Figure()
+    for n, g in enumerate(groups):
+        pts = [p for p in points if p[0] == g]
+        fig.add_trace(go.Scatter(
+            x=[p[2] for p in pts], y=[p[3] for p in pts], mode="markers", name=g, customdata=[p[1] for p in pts],
+            marker=dict(size=11, color=PALETTE[n % len(PALETTE)], symbol="square" if g == "full" else "circle"),
+            hovertemplate=g + ", seed %{customdata}: %{x} intruders, %{y:.3f} nats/byte<extra></extra>"))
+    fig.add_hline(y=base_text_loss, line=dict(color=COLORS["black"], dash="dot"),
+                  annotation_text=f"pretrained model: {base_text_loss:.3f}", annotation_position="bottom right")
+    least = min(points, key=lambda p: p[3])
+    lora = [p[2] for p in points if p is not least]
+    fig.update_layout(
+        title_text=(f"The fine-tune that forgets least ({least[0]}, {least[3]:.2f} nats/byte) has {least[2]} "
+                    f"intruders;<br>the others have {min(lora)} to {max(lora)}, and every run forgets"),
+        xaxis_title="intruder dimensions, summed over the 28 adapted matrices (count)",
+        yaxis_title="loss on held-out pretraining text (nats per byte)",
+    )
+    return themed(fig, height=440)
+
+
+# --------------------------------------------------------------------------- chapter 08
+
+
+def codebook_figure(codebooks, offset):
+    """Each 4-bit grid's 16 levels over the N(0, 1) density scaled to [-1, 1]; slider over the grid.
+
+    codebooks: {name: sorted levels in [-1, 1]}. NF4's levels are quantiles of N(0, 1) divided
+    by Phi^-1(offset), so the density drawn is that of xi / Phi^-1(offset), xi ~ N(0, 1).
+    """
+    from statistics import NormalDist
+
+    q = NormalDist().inv_cdf(offset)
+    xs = [i / 200 for i in range(-220, 221)]
+    dens = [q * NormalDist().pdf(x * q) for x in xs]                 # density of xi / q at x
+    top = max(dens)
+    steps = []
+    for name, levels in codebooks.items():
+        lv = [float(v) for v in levels]
+        traces = [
+            go.Scatter(x=xs, y=dens, mode="lines", name="density of normal weights / Φ⁻¹(offset)",
+                       line=dict(color=COLORS["sky"]), fill="tozeroy", hoverinfo="skip"),
+            go.Scatter(x=[v for v in lv for _ in (0, 1, 2)], y=[y for _ in lv for y in (0, top * 1.05, None)],
+                       mode="lines", name=f"{name} levels", line=dict(color=COLORS["red"], width=1.5),
+                       legendgroup=f"{name} levels", hoverinfo="skip"),
+            go.Scatter(x=lv, y=[top * 1.05] * len(lv), mode="markers", name=f"{name} level values",
+                       marker=dict(color=COLORS["red"], size=7), showlegend=False, legendgroup=f"{name} levels",
+                       hovertemplate="level %{x:.4f}<extra>" + name + "</extra>"),
+        ]
+        gaps = [b - a for a, b in zip(lv, lv[1:])]
+        steps.append((name, traces, f"{name}: {len(lv)} levels, gaps from {min(gaps):.3f} to {max(gaps):.3f}"))
+    return stepped_figure(
+        steps, "grid", active=0,
+        xaxis=dict(title="level value v; for the density, ξ / Φ⁻¹(offset) with ξ ~ N(0, 1) (dimensionless)",
+                   range=[-1.1, 1.1]),
+        yaxis=dict(title="probability density of ξ / Φ⁻¹(offset)", rangemode="tozero"),
+    )
+
+
+def blocksize_figure(blocksizes, scaled_hists, edges, mse, levels):
+    """Histogram of w / c_j per block size (slider), with NF4's levels; and the MSE of each grid.
+
+    scaled_hists: {b: counts over ``edges``}; mse: {b: {grid name: mean squared error}};
+    levels: NF4's levels, drawn as ticks. Larger blocks have larger absmax c_j, so w / c_j
+    crowds near 0 and uses fewer of the 16 levels.
+    """
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    top = max(max(h) for h in scaled_hists.values())
+    steps = []
+    for b in blocksizes:
+        errs = mse[b]
+        traces = [
+            go.Bar(x=centres, y=scaled_hists[b], name="weights / c<sub>j</sub>", marker_color=COLORS["sky"],
+                   hovertemplate="%{x:.2f}: %{y}<extra></extra>"),
+            go.Scatter(x=[float(v) for v in levels], y=[top * 1.02] * len(levels), mode="markers",
+                       name="NF4 levels", marker=dict(symbol="line-ns-open", size=14, color=COLORS["red"])),
+        ]
+        summary = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+        steps.append((b, traces, f"Blocks of {b}: mean squared error {summary}"))
+    return stepped_figure(
+        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0, bargap=0,
+        xaxis=dict(title="weight / block absmax (dimensionless)", range=[-1.05, 1.05]),
+        yaxis=dict(title="count of weights", rangemode="tozero"),
+    )
+
+
+def loss_curves_figure(curves, title, yaxis_title="training loss (nats per answer byte)"):
+    """One line per run: {name: [loss per step]}."""
+    fig = go.Figure()
+    for i, (name, losses) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(x=list(range(1, len(losses) + 1)), y=list(losses), name=name,
+                                 mode="lines", line=dict(color=PALETTE[i], dash="solid" if i == 0 else "dash"),
+                                 hovertemplate="step %{x}: %{y:.4f}<extra>" + name + "</extra>"))
+    fig.update_layout(title_text=title, xaxis_title="step", yaxis_title=yaxis_title)
+    return themed(fig)
+
+
+def code_frequency_figure(blocksizes, freqs, entropies, design):
+    """How often each NF4 code is used after blockwise absmax scaling; slider over the block size.
+
+    freqs: {b: 16 fractions, one per code 0..15}; entropies: {b: entropy of freqs in bits};
+    design: the 16 fractions if w / c_j were xi / Phi^-1(offset), xi ~ N(0, 1) (what the levels
+    assume). A dotted line marks 1/16, the uniform use that 4 bits of entropy would need.
+    """
+    codes = list(range(16))
+    steps, top = [], 0.0
+    for b in blocksizes:
+        f = [100 * float(x) for x in freqs[b]]
+        top = max(top, max(f))
+        traces = [
+            go.Bar(x=codes, y=f, name="measured, N(0, 1) weights", marker_color=COLORS["blue"],
+                   hovertemplate="code %{x}: %{y:.2f}% of the weights<extra></extra>"),
+            go.Scatter(x=codes, y=[100 * float(x) for x in design], mode="lines+markers",
+                       name="if w / c<sub>j</sub> were ξ / Φ⁻¹(offset)", line=dict(color=COLORS["orange"]),
+                       hovertemplate="code %{x}: %{y:.2f}%<extra>design assumption</extra>"),
+            go.Scatter(x=[-0.5, 15.5], y=[100 / 16] * 2, mode="lines", name="uniform, 1/16: 4 bits",
+                       line=dict(color=COLORS["black"], dash="dot"), hoverinfo="skip"),
+        ]
+        lo, hi = min(f), max(f)
+        steps.append((b, traces, f"Blocks of {b}: the 16 codes are used {lo:.1f}% to {hi:.1f}% of the time, "
+                                 f"{entropies[b]:.2f} bits of entropy, not 4"))
+    fig = stepped_figure(
+        steps, "block size", active=list(blocksizes).index(64) if 64 in blocksizes else 0,
+        xaxis=dict(title="NF4 code (index into the sorted levels; 7 is the zero)", tickmode="linear", dtick=1),
+        yaxis=dict(title="share of the weights (%)", range=[0, 1.05 * top]),
+    )
+    return fig
+
+
+def merge_regimes_figure(rel_sizes, errors, at=1e-3, adapter_range=None):
+    """How much of an update a merge loses, against the update's size; one line per storage format.
+
+    rel_sizes: ||dW|| / ||W0||; errors: {format: [||merged - (base + dW)|| / ||dW|| per size]}
+    (lora_ref.quant.merge_error_curve). Log axes; a dashed line at 1, where the error is as large
+    as the update itself. adapter_range: (lo, hi) relative sizes of a trained adapter, shaded.
+    The title states each format's error at the size nearest to ``at``.
+    """
+    fig = go.Figure()
+    for i, (name, errs) in enumerate(errors.items()):
+        fig.add_trace(go.Scatter(x=list(rel_sizes), y=list(errs), name=name, mode="lines+markers",
+                                 marker_color=PALETTE[i],
+                                 hovertemplate="update %{x:.1e} of W0: error %{y:.3g} of the update<extra>"
+                                 + name + "</extra>"))
+    nonzero = [e for errs in errors.values() for e in errs if e > 0]
+    # on log axes, annotations take log10 coordinates (shapes take data values)
+    fig.add_hline(y=1, line=dict(color=COLORS["black"], dash="dash"))
+    fig.add_annotation(x=math.log10(min(rel_sizes)), y=0, text="error = the whole update", showarrow=False, bgcolor="rgba(255,255,255,0.8)",
+                       xanchor="left", yanchor="top")
+    if adapter_range is not None:
+        lo, hi = adapter_range
+        fig.add_vrect(x0=lo, x1=hi, fillcolor=COLORS["sky"], opacity=0.25, line_width=0)
+        fig.add_annotation(x=math.log10(lo), y=math.log10(min(nonzero)), text="this chapter's adapter",
+                           showarrow=False, xanchor="right", yanchor="bottom")
+    j = min(range(len(rel_sizes)), key=lambda i: abs(math.log10(rel_sizes[i] / at)))
+    pct = lambda e: f"{100 * e:.0f}%" if e >= 0.1 else f"{100 * e:.2g}%"
+    parts = ", ".join(f"{name} {pct(errs[j])}" for name, errs in errors.items())
+    fig.update_layout(
+        title_text=f"The smaller the update, the more of it a merge loses.<br>At ‖ΔW‖ / ‖W0‖ = {rel_sizes[j]:.0e}, "
+                   f"error / update:<br>{parts}",
+        xaxis=dict(log_axis("size of the update, ‖ΔW‖ / ‖W0‖ (Frobenius, log scale)", list(rel_sizes)),
+                   exponentformat="power"),
+        yaxis=dict(log_axis("merge error / ‖ΔW‖ (log scale)", nonzero + [1.0]), exponentformat="power"),
+    )
+    themed(fig, height=480)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0))
     return fig
 
 

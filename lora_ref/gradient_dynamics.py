@@ -40,27 +40,31 @@ def _as2d(name, M):
 # --------------------------------------------------------------------------- gradients
 
 
-def central_difference_grads(loss, A, B, h=1e-6):
+def central_difference_grads(loss, A, B, eps=1e-6):
     """(dL/dA, dL/dB) of a scalar ``loss(A, B)`` by central differences, entry by entry:
 
-        dL/dA_ij ~ (L(A + h e_ij, B) - L(A - h e_ij, B)) / (2h),   error O(h^2) + O(eps / h).
+        dL/dA_ij ~ (L(A + eps e_ij, B) - L(A - eps e_ij, B)) / (2 eps),   error O(eps^2) + O(u / eps),
+
+    u the float64 rounding unit (eps is the step, not Adam's epsilon; h is the hidden size).
 
     An oracle for ``lora_grads`` that knows nothing of the chain rule. A: (r, k), B: (d, r), float64.
     """
     A, B = _as2d("A", A).copy(), _as2d("B", B).copy()
     _checks.check_factors(A.shape, B.shape)
-    _checks.check_finite_scalar("h", h)
+    _checks.check_finite_scalar("eps", eps)
+    if eps <= 0:
+        raise ValueError(f"eps, the finite-difference step, must be > 0, got eps={eps}")
     grads = []
     for M in (A, B):
         g = np.zeros_like(M)
         for idx in np.ndindex(M.shape):
             old = M[idx]
-            M[idx] = old + h
+            M[idx] = old + eps
             plus = float(loss(A, B))
-            M[idx] = old - h
+            M[idx] = old - eps
             minus = float(loss(A, B))
             M[idx] = old
-            g[idx] = (plus - minus) / (2 * h)
+            g[idx] = (plus - minus) / (2 * eps)
         grads.append(g)
     return grads[0], grads[1]
 
