@@ -187,3 +187,44 @@ def check_adapter_list(A_shapes, B_shapes, r=None):
         if r < max(ranks):
             raise ValueError(f"r={r} is below the largest adapter rank {max(ranks)}: padding cannot shrink an adapter")
     return ranks, dks[0][0], dks[0][1]
+
+
+# --------------------------------------------------------------------------- variants of LoRA (chapter 10)
+
+
+def check_weight(shape, name="W0"):
+    """A weight matrix (d, k).  Returns (d, k)."""
+    check_ndim(name, shape, 2)
+    d, k = shape
+    if d == 0 or k == 0:
+        raise ValueError(f"{name} is {tuple(shape)}: a weight needs d >= 1 rows and k >= 1 columns")
+    return d, k
+
+
+def check_positive_scaling(scaling):
+    """PiSSA takes sqrt(sigma / s), so s = alpha / r must be finite and positive."""
+    check_finite_scalar("scaling", scaling)
+    if scaling <= 0:
+        raise ValueError(f"scaling must be > 0, got scaling={scaling}: the init takes sqrt(sigma / s), s = alpha / r")
+
+
+def check_double_rank(r, d, k):
+    """LoRA-GA reads 2 r singular triplets of the gradient: 2 r <= min(d, k)."""
+    check_rank(r, d, k)
+    if 2 * r > min(d, k):
+        raise ValueError(
+            f"r={r} needs 2r = {2 * r} singular triplets of the ({d}, {k}) gradient, "
+            f"but it has min(d, k) = {min(d, k)}: choose r <= {min(d, k) // 2}"
+        )
+
+
+def check_vector(name, shape, length, meaning):
+    """A per-row or per-rank vector: shape (length,)."""
+    if tuple(shape) != (length,):
+        raise ValueError(f"{name} has shape {tuple(shape)}; expected ({length},), {meaning}")
+
+
+def check_no_zero_rows(n_zero, d, name="W0 + s B A"):
+    """DoRA divides each output row by its norm: no row may be 0."""
+    if n_zero:
+        raise ValueError(f"{n_zero} of the {d} rows of {name} are zero: DoRA divides each row by its norm")

@@ -22,7 +22,9 @@ import numpy as np
 from . import _checks
 
 __all__ = ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w", "merge",
-           "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward"]
+           "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward",
+           "pissa_init", "milora_init", "olora_init", "pissa_to_lora", "dora_magnitude", "dora_forward",
+           "dora_grads", "vera_forward", "loraga_init"]
 
 
 def _shape(a):
@@ -44,6 +46,34 @@ def _index_range(index):
 def _zeros(like, shape):
     """Zeros of ``shape`` in the dtype of ``like``."""
     return np.zeros(shape, dtype=np.asarray(like).dtype)
+
+
+def _svd(W):
+    """The thin SVD W = U diag(S) Vh: U (d, p), S (p,) descending, Vh (p, k), p = min(d, k)."""
+    return np.linalg.svd(W, full_matrices=False)
+
+
+def _qr(W):
+    """The reduced QR decomposition W = Q R: Q (d, p), R (p, k)."""
+    return np.linalg.qr(W)
+
+
+def _sqrt(a):
+    return np.sqrt(a)
+
+
+def _row_norms(W):
+    """||W_i,:||_2 for each row i: (d, k) -> (d,)."""
+    return np.linalg.norm(W, axis=1)
+
+
+def _detach(a):
+    """NumPy has no autograd: nothing to detach."""
+    return a
+
+
+def _cat(parts, axis):
+    return np.concatenate(parts, axis=axis)
 
 
 def scaling(alpha, r, rslora=False):
@@ -245,3 +275,206 @@ def batched_lora_forward(x, W0, As, Bs, scalings, index):
     z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i
     up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
     return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i
+
+
+# --------------------------------------------------------------------------- variants of LoRA
+
+
+def _balanced_factors(W0, U, S, Vh, scaling):
+    """(A, B, W_res) from r singular triplets (U, S, Vh) of W0, the factors of PiSSA and MiLoRA.
+
+    Each factor carries half of the spectrum, B = U sqrt(S / s) and A = sqrt(S / s) Vh, so that
+    s B A = U diag(S) Vh; W_res = W0 - s B A keeps the other triplets, and W_res + s B A = W0.
+    """
+    root = _sqrt(S / scaling)                     # (r,)     sqrt(S_r / s)
+    B = U * root[None, :]                         # (d, r)   U_r diag(sqrt(S_r / s))
+    A = root[:, None] * Vh                        # (r, k)   diag(sqrt(S_r / s)) V_r^T
+    return A, B, W0 - (scaling * B) @ A           # (d, k)   W_res = W0 - s B A, in PEFT's order
+
+
+def pissa_init(W0, r, scaling):
+    """PiSSA (Meng et al. 2024): the adapter starts as the top r singular triplets of W0.
+
+        W0 = U S V^T,   s B A = U_r S_r V_r^T,   W_res = W0 - s B A = sum_{i > r} sigma_i u_i v_i^T
+    B = U_r sqrt(S_r / s): (d, r) and A = sqrt(S_r / s) V_r^T: (r, k) share S_r evenly, and the
+    frozen base becomes W_res: (d, k). s B A is the best rank-r approximation of W0
+    (Eckart-Young), so W_res is the smallest residual any rank-r adapter can leave:
+    ||W_res||_F^2 = sum_{i > r} sigma_i^2. PEFT: ``LoraConfig(init_lora_weights="pissa")``.
+    Returns (A, B, W_res); the signs of matching columns of U and rows of V^T are free.
+
+    Book: prop-ch10-residual (notebooks/10_variants).
+    """
+    d, k = _checks.check_weight(_shape(W0))
+    _checks.check_rank(r, d, k)
+    _checks.check_positive_scaling(scaling)
+    _check_finite("W0", W0)
+    U, S, Vh = _svd(W0)                           # (d, p), (p,), (p, k), p = min(d, k), S descending
+    return _balanced_factors(W0, U[:, :r], S[:r], Vh[:r], scaling)
+
+
+def milora_init(W0, r, scaling):
+    """MiLoRA (Wang et al. 2024): PiSSA with the r smallest singular triplets of W0.
+
+        s B A = U_[p-r:] S_[p-r:] V_[p-r:]^T,   W_res = sum_{i <= p - r} sigma_i u_i v_i^T,  p = min(d, k)
+    The adapter takes the minor directions and W_res keeps the principal ones, so
+    ||W_res||_F^2 = sum_{i <= p - r} sigma_i^2, the largest residual of any r triplets.
+    Not in PEFT; the factors are those of ``pissa_init`` at the other end of the spectrum.
+    Returns (A, B, W_res).
+
+    Book: prop-ch10-residual (notebooks/10_variants).
+    """
+    d, k = _checks.check_weight(_shape(W0))
+    _checks.check_rank(r, d, k)
+    _checks.check_positive_scaling(scaling)
+    _check_finite("W0", W0)
+    U, S, Vh = _svd(W0)                           # S descending: the last r are the smallest
+    p = S.shape[0]
+    return _balanced_factors(W0, U[:, p - r:], S[p - r:], Vh[p - r:], scaling)
+
+
+def olora_init(W0, r, scaling):
+    """OLoRA (Buyukakyuz 2024): the adapter starts from the QR decomposition of W0.
+
+        W0 = Q R,   B = Q[:, :r] (d, r) orthonormal columns,   A = R[:r] (r, k),   W_res = W0 - s B A
+    No scaling is divided out, so s B A = s Q_r R_r: the first r rows of R, scaled by s.
+    PEFT: ``LoraConfig(init_lora_weights="olora")``. Returns (A, B, W_res); a column of Q and
+    the matching row of R may both change sign.
+
+    Book: tbl-ch10-variants (notebooks/10_variants).
+    """
+    d, k = _checks.check_weight(_shape(W0))
+    _checks.check_rank(r, d, k)
+    _checks.check_finite_scalar("scaling", scaling)
+    _check_finite("W0", W0)
+    Q, R = _qr(W0)                                # (d, p), (p, k), p = min(d, k)
+    B, A = Q[:, :r], R[:r]                        # (d, r), (r, k)
+    return A, B, W0 - (scaling * B) @ A           # (d, k)
+
+
+def pissa_to_lora(A, B, A0, B0):
+    """A PiSSA (or OLoRA) adapter as a plain LoRA adapter on the original W0.
+
+    Training moved (A0, B0) to (A, B) on the base W_res = W0 - s B0 A0, so the model holds
+        W_res + s B A = W0 + s (B A - B0 A0) = W0 + s [B, -B0] [A; A0].
+    The converted factors A' = [A; A0]: (2r, k) and B' = [B, -B0]: (d, 2r) apply to W0 itself at
+    the same s. PEFT: ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``,
+    which saves r' = 2 r and alpha' = 2 alpha (alpha sqrt(2) with rsLoRA) to keep s.
+    Returns (A', B').
+
+    Book: prop-ch10-conversion (notebooks/10_variants).
+    """
+    d, r, k = _checks.check_factors(_shape(A), _shape(B))
+    d0, r0, k0 = _checks.check_factors(_shape(A0), _shape(B0))
+    if (d0, r0, k0) != (d, r, k):
+        raise ValueError(f"the initial factors A0 {_shape(A0)}, B0 {_shape(B0)} must have the shapes of the "
+                         f"trained A {_shape(A)}, B {_shape(B)}")
+    return _cat([A, A0], 0), _cat([B, -B0], 1)    # (2r, k), (d, 2r)
+
+
+def dora_magnitude(W):
+    """DoRA's magnitude m: the norm of each output row of W, (d, k) -> (d,).
+
+        m_i = ||W_i,:||_2
+    PEFT starts m at dora_magnitude(W0 + s B A) (= the row norms of W0, since B = 0 at init) and
+    trains it; the direction (W0 + s B A) / ||W0 + s B A||_row is trained through B and A.
+
+    Book: eq-ch10-dora (notebooks/10_variants).
+    """
+    d, _ = _checks.check_weight(_shape(W), name="W")
+    _check_finite("W", W)
+    return _row_norms(W)                          # (d,)
+
+
+def dora_forward(x, W0, A, B, m, scaling):
+    """DoRA (Liu et al. 2024): a trained magnitude m times a LoRA-adapted direction.
+
+        W' = diag(m / ||V||_row) V,   V = W0 + s B A,   y = x W'^T
+    x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r);  m: (d,)  ->  y: (..., d).
+    The row norm ||V||_row is a constant in the backward pass (DoRA section 4.3, as PEFT does):
+    in the torch backend it is detached, so gradients flow to m, A and B through V only.
+
+    Book: eq-ch10-dora (notebooks/10_variants).
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_vector("m", _shape(m), d, "one magnitude per output row of W0 (d, k)")
+    _checks.check_finite_scalar("scaling", scaling)
+    V = W0 + scaling * (B @ A)                    # (d, k)   the adapted direction, unnormalised
+    norm = _detach(_row_norms(V))                 # (d,)     ||V_i,:||, no gradient (DoRA 4.3)
+    _checks.check_no_zero_rows(int((norm == 0).sum()), d)
+    return (m / norm) * (x @ V.T)                 # (..., d)  diag(m / ||V||) V x
+
+
+def dora_grads(x, grad_y, W0, A, B, m, scaling, detach_norm=True):
+    """Hand-derived gradients of a loss L through ``dora_forward``: (dA, dB, dm).
+
+    With V = W0 + s B A, n = ||V||_row, c = m / n and G = grad_y^T x (d, k), the gradient of
+    L with respect to the merged weight W' = diag(c) V:
+        dL/dm_i = <G_i, V_i> / n_i                                        (d,)
+        dL/dV   = diag(c) G                              (norm detached, DoRA section 4.3)
+        dL/dV   = diag(c) (G - diag(<G_i, V_i> / n_i^2) V)   (norm differentiated: the extra term
+                                                          removes the part of G along each row V_i)
+        dL/dB   = s dL/dV A^T  (d, r),    dL/dA = s B^T dL/dV  (r, k).
+    detach_norm=True gives PEFT's gradients; False, those of the formula with nothing detached.
+
+    Book: eq-ch10-dora-grads (notebooks/10_variants).
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_grad_output(_shape(grad_y), _shape(x), d)
+    _checks.check_vector("m", _shape(m), d, "one magnitude per output row of W0 (d, k)")
+    _checks.check_finite_scalar("scaling", scaling)
+    V = W0 + scaling * (B @ A)                    # (d, k)
+    norm = _row_norms(V)                          # (d,)
+    _checks.check_no_zero_rows(int((norm == 0).sum()), d)
+    G = grad_y.reshape(-1, d).T @ x.reshape(-1, k)  # (d, k)   dL/dW' = Ybar X^T
+    along = (G * V).sum(1)                        # (d,)     <G_i, V_i>
+    dm = along / norm                             # (d,)
+    dV = (m / norm)[:, None] * G                  # (d, k)   norm held constant
+    if not detach_norm:
+        dV = dV - (m * along / norm**3)[:, None] * V   # minus the component along each row V_i
+    return scaling * (B.T @ dV), scaling * (dV @ A.T), dm   # (r, k), (d, r), (d,)
+
+
+def vera_forward(x, W0, A, B, d_vec, b_vec):
+    """VeRA (Kopiczko et al. 2024): frozen random A and B shared by every layer, two trained vectors.
+
+        y = W0 x + Lambda_b B Lambda_d A x,    Lambda_d = diag(d_vec) (r,),  Lambda_b = diag(b_vec) (d,)
+    x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r)  ->  y: (..., d).  A layer trains r + d
+    numbers against LoRA's r (d + k). PEFT slices one shared (r, k_max) A and (d_max, r) B to each
+    layer's (r, k) and (d, r), and starts b_vec at 0 and d_vec at ``d_initial`` (0.1).
+
+    Book: eq-ch10-vera (notebooks/10_variants).
+    """
+    d, r, k = _checks.check_weight_and_factors(_shape(W0), _shape(A), _shape(B))
+    _checks.check_inputs(_shape(x), k)
+    _checks.check_vector("d_vec", _shape(d_vec), r, "one scale per rank, the diagonal of Lambda_d")
+    _checks.check_vector("b_vec", _shape(b_vec), d, "one scale per output row, the diagonal of Lambda_b")
+    z = d_vec * (x @ A.T)                         # (..., r)   Lambda_d A x
+    return x @ W0.T + b_vec * (z @ B.T)           # (..., d)   W0 x + Lambda_b B z
+
+
+def loraga_init(W0, grad_W, r, scaling, stable_gamma=16):
+    """LoRA-GA (Wang et al. 2024): the adapter starts from the SVD of the first gradient G = dL/dW0.
+
+        G = U S V^T,   A = V_[:r]^T (r, k),   B = U_[r:2r] diag(S_[r:2r]) d^(1/4) / sqrt(gamma) (d, r)
+        W_res = W0 - s B A
+    as PEFT 0.21.2 computes it with its defaults (direction "ArB2r", scale "stable", gamma = 16),
+    but with the exact SVD where PEFT calls ``svd_lowrank(q=min(4r, d, k), niter=4)``. Both factors
+    lie in the top-2r singular subspaces of G, so the first step of A and B moves Delta W inside
+    them. Returns (A, B, W_res).
+
+    Book: prop-ch10-loraga (notebooks/10_variants).
+    """
+    d, k = _checks.check_weight(_shape(W0))
+    if _shape(grad_W) != (d, k):
+        raise ValueError(f"grad_W is {_shape(grad_W)} but W0 is {(d, k)}: the gradient has the shape of the weight")
+    _checks.check_double_rank(r, d, k)
+    _checks.check_finite_scalar("scaling", scaling)
+    _checks.check_finite_scalar("stable_gamma", stable_gamma)
+    _check_finite("grad_W", grad_W)
+    U, S, Vh = _svd(grad_W)                       # (d, p), (p,), (p, k)
+    A = Vh[:r]                                    # (r, k)   top r right singular vectors
+    B = U[:, r:2 * r] * S[None, r:2 * r]          # (d, r)   the next r left ones, times their sigma
+    B = B * (d**0.25 / stable_gamma**0.5)         # (d, r)   PEFT's scale="stable"
+    return A, B, W0 - scaling * (B @ A)           # (d, k)   in PEFT's order

@@ -16,7 +16,9 @@ SHARED = ln.__all__
 
 def test_numpy_backend_exports_the_documented_api():
     assert SHARED == ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w",
-                      "merge", "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward"]
+                      "merge", "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward",
+                      "pissa_init", "milora_init", "olora_init", "pissa_to_lora", "dora_magnitude", "dora_forward",
+                      "dora_grads", "vera_forward", "loraga_init"]
     for name in SHARED:
         assert callable(getattr(ln, name))
 
