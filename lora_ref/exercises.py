@@ -50,6 +50,10 @@ __all__ = [
     "ch09_linear_cross_term",
     "ch09_adapters_that_fit",
     "ch09_padding_overhead",
+    "ch10_residual_norms",
+    "ch10_conversion_config",
+    "ch10_vera_rank_for_lora_budget",
+    "ch10_stuck_error",
 ]
 
 
@@ -506,4 +510,64 @@ def ch09_padding_overhead(answer, ranks=(4, 8, 64), rows=(1, 1, 1)):
         answer, expected, sig_figs=4,
         hint="every row pays for the largest rank; the useful work of a row is its own rank. Divide the useful "
         "total by the paid total and subtract from 1.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 10
+
+
+def ch10_residual_norms(answer, sigma=(5.0, 3.0, 2.0, 1.0), r=2):
+    """(||W_res||_F after PiSSA, after MiLoRA) at rank r for W0 = diag(sigma), 4 significant figures."""
+    W0 = np.diag(np.asarray(sigma, dtype=np.float64))
+    expected = tuple(float(np.linalg.norm(init(W0, r, 1.0)[2])) for init in (ln.pissa_init, ln.milora_init))
+    return check(
+        f"(PiSSA's, MiLoRA's) ||W_res||_F at r = {r} for diag{tuple(float(x) for x in sigma)} (4 significant figures)",
+        answer, expected, sig_figs=4,
+        hint="PiSSA moves the r largest singular triplets into s B A and MiLoRA the r smallest; W_res keeps the "
+        "others, and its Frobenius norm is the root of the sum of their squares.",
+    )
+
+
+def ch10_conversion_config(answer, r=16, alpha=32.0, rslora=True):
+    """(r', alpha') of the plain LoRA adapter converted from a PiSSA adapter of rank r, alpha, rslora."""
+    s = ln.scaling(alpha, r, rslora)
+    expected = (2 * r, s * (math.sqrt(2 * r) if rslora else 2 * r))
+    return check(
+        f"(r', alpha') of the converted adapter, r = {r}, alpha = {alpha:g}, rslora = {rslora}", answer, expected,
+        rtol=1e-9,
+        hint="the converted factors [A; A0] and [B, -B0] have rank 2r and must act at the same s; solve "
+        "alpha' / r' (or alpha' / sqrt(r') with rsLoRA) = s for alpha'.",
+    )
+
+
+def ch10_vera_rank_for_lora_budget(answer, model="llama-3.1-8b", target_modules="all-linear"):
+    """The smallest VeRA rank r that trains at least as many numbers per decoder layer as LoRA at rank 1."""
+    from . import variants
+
+    shapes = [budget.linear_shapes(budget.load_config(model))[m] for m in budget.resolve_targets(target_modules)]
+    lora_1 = sum(variants.trainable_params("lora", d, k, 1) for d, k in shapes)
+    expected = next(r for r in range(1, 10**6) if sum(variants.trainable_params("vera", d, k, r) for d, k in shapes)
+                    >= lora_1)
+    return check(
+        f"smallest VeRA rank matching LoRA r = 1 on {target_modules} of one {model} layer (an exact integer)", answer,
+        expected, rtol=0,
+        hint="VeRA trains r + d numbers per layer and LoRA at rank 1 trains d + k: sum both over the layer's "
+        "modules and solve n r + sum d >= sum (d + k) for the smallest integer r.",
+    )
+
+
+def ch10_stuck_error(answer, sigma=(4.0, 3.0, 2.0, 1.0), r=1, planted=0.5):
+    """||W_res + s B A - W*||_F after any number of gradient steps from PiSSA's init (s = 1) when
+    W* = W0 + planted e_p e_p^T adds to the smallest singular direction of W0 = diag(sigma)."""
+    from . import variants
+
+    W0 = np.diag(np.asarray(sigma, dtype=np.float64))
+    W_star = W0.copy()
+    W_star[-1, -1] += planted
+    expected = variants.init_race(W0, W_star, r, 1.0, steps=50, lr=0.05, inits=("pissa",))["pissa"][-1]
+    return check(
+        f"error after gradient descent from PiSSA's init, r = {r}, target adds {planted:g} to the smallest direction "
+        "(4 significant figures)", answer, expected, sig_figs=4,
+        hint="at PiSSA's init the residual is the planted term alone; compute dL/dB = s R A^T and dL/dA = s B^T R "
+        "with A's rows and B's columns in the top-r directions.",
     )

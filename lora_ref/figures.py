@@ -26,6 +26,8 @@ __all__ = [
     "subspace_similarity_figure", "effective_rank_figure", "intruders_forgetting_figure",
     "codebook_figure", "blocksize_figure", "loss_curves_figure", "code_frequency_figure", "merge_regimes_figure",
     "task_arithmetic_figure", "swap_drift_figure", "multi_adapter_figure",
+    "VARIANT_LABELS", "residual_energy_figure", "planted_race_figure", "variant_curves_figure", "md_scatter_figure",
+    "first_step_cosine_figure", "adalora_ranks_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -990,3 +992,133 @@ def multi_adapter_figure(batch_sizes, times_ms, active=None):
     return stepped_figure(steps, "m (adapters in the batch)", active=len(steps) - 1 if active is None else active,
                           xaxis=log_axis("rows in the batch n (log scale)", list(batch_sizes)),
                           yaxis=log_axis("median time of one layer (ms, log scale)", all_ms))
+
+
+# --------------------------------------------------------------------------- chapter 10
+
+
+VARIANT_LABELS = {"lora": "LoRA", "pissa": "PiSSA", "milora": "MiLoRA", "olora": "OLoRA", "loraga": "LoRA-GA",
+                  "dora": "DoRA", "vera": "VeRA", "full": "full fine-tuning"}
+
+
+def residual_energy_figure(ranks, pissa, milora, layer):
+    """||W_res||_F^2 / ||W0||_F^2 against r for PiSSA (the smallest residual, Eckart-Young) and MiLoRA (the
+    largest): the two ends of the spectrum."""
+    fig = go.Figure([
+        go.Scatter(x=list(ranks), y=list(pissa), name="PiSSA: W_res drops the r largest σ", mode="lines+markers",
+                   line=dict(color=COLORS["blue"]), hovertemplate="r = %{x}: %{y:.3f}<extra>PiSSA</extra>"),
+        go.Scatter(x=list(ranks), y=list(milora), name="MiLoRA: W_res drops the r smallest σ", mode="lines+markers",
+                   line=dict(color=COLORS["orange"]), hovertemplate="r = %{x}: %{y:.3f}<extra>MiLoRA</extra>"),
+    ])
+    fig.update_layout(title_text=f"{layer}: the share of ‖W0‖²_F left in the frozen base W_res, by rank",
+                      xaxis_title="rank r", yaxis=dict(title="‖W_res‖²_F / ‖W0‖²_F", range=[0, 1.05]))
+    return themed(fig)
+
+
+def planted_race_figure(errors, active=0):
+    """Gradient descent on ||W_res + s B A - W*||_F from each init, with W* planted in the principal or the
+    minor subspace of W0; the slider picks the subspace. errors: {subspace: {init: [error per step]}}."""
+    styles = {"lora": dict(color=COLORS["black"], dash="dot"), "pissa": dict(color=COLORS["blue"]),
+              "milora": dict(color=COLORS["orange"]), "olora": dict(color=COLORS["green"], dash="dash")}
+    steps, values = [], []
+    for subspace, by_init in errors.items():
+        traces = [go.Scatter(x=list(range(len(e))), y=[max(v, 1e-12) for v in e], name=VARIANT_LABELS[init],
+                             mode="lines", line=styles[init],
+                             hovertemplate="step %{x}: %{y:.3g}<extra>" + VARIANT_LABELS[init] + "</extra>")
+                  for init, e in by_init.items()]
+        values += [max(v, 1e-12) for e in by_init.values() for v in e]
+        last = {VARIANT_LABELS[i]: e[-1] / e[0] for i, e in by_init.items()}
+        best = min(last, key=last.get)
+        steps.append((subspace, traces, f"target planted in the {subspace} subspace of W0: {best} gets there first; "
+                                        f"an init whose factors are orthogonal to the target never moves"))
+    return stepped_figure(steps, "target in the", active=active, xaxis=dict(title="gradient step"),
+                          yaxis=log_axis("‖W_res + sBA − W*‖_F (log scale)", values))
+
+
+def variant_curves_figure(curves, test_loss, reference="lora", active=1):
+    """The seed-mean training loss of each variant against LoRA's (the slider picks the variant), titled with
+    the held-out losses. curves: {variant: [mean loss per step]}; test_loss: {variant: [one per seed]}."""
+    import numpy as np
+
+    names = [v for v in curves if v != reference]
+    ref = curves[reference]
+    values = [x for c in curves.values() for x in c]
+    steps = []
+    for v in names:
+        traces = [
+            go.Scatter(x=list(range(len(ref))), y=ref, name=VARIANT_LABELS[reference], mode="lines",
+                       line=dict(color=COLORS["black"], dash="dot"),
+                       hovertemplate="step %{x}: %{y:.3f}<extra>" + VARIANT_LABELS[reference] + "</extra>"),
+            go.Scatter(x=list(range(len(curves[v]))), y=curves[v], name=VARIANT_LABELS[v], mode="lines",
+                       line=dict(color=COLORS["blue"]),
+                       hovertemplate="step %{x}: %{y:.3f}<extra>" + VARIANT_LABELS[v] + "</extra>"),
+        ]
+        title = (f"{VARIANT_LABELS[v]}: held-out loss {np.mean(test_loss[v]):.3f} against "
+                 f"{np.mean(test_loss[reference]):.3f} for {VARIANT_LABELS[reference]} (mean of {len(test_loss[v])} seeds)")
+        steps.append((VARIANT_LABELS[v], traces, title))
+    return stepped_figure(steps, "variant", active=min(active, len(steps) - 1), xaxis=dict(title="optimizer step"),
+                          yaxis=log_axis("training loss (nats per answer byte, log, mean of seeds)", values))
+
+
+def md_scatter_figure(points, slopes, active=None):
+    """DoRA's Delta M against Delta D (Liu et al. 2024, Fig. 2), one panel per method, one point per q_proj and
+    v_proj; the slider shows the points up to a training step. points: {method: {step: [(dD, dM) per layer]}};
+    slopes: {method: least-squares slope over all points}."""
+    methods = list(points)
+    checkpoints = list(points[methods[0]])
+    width = 1.0 / len(methods)
+    axes, steps = {}, []
+    for j, method in enumerate(methods):
+        suffix = "" if j == 0 else str(j + 1)
+        xs = [p[0] for rows in points[method].values() for p in rows]
+        ys = [p[1] for rows in points[method].values() for p in rows]
+        axes[f"xaxis{suffix}"] = dict(title=f"ΔD, {VARIANT_LABELS[method]}", domain=[j * width + 0.06, (j + 1) * width - 0.02],
+                                      range=[0, max(xs) * 1.08], anchor=f"y{suffix}")
+        axes[f"yaxis{suffix}"] = dict(title="ΔM" if j == 0 else None, range=[0, max(ys) * 1.08], anchor=f"x{suffix}")
+    palette = [COLORS["sky"], COLORS["blue"], COLORS["green"], COLORS["orange"], COLORS["red"], COLORS["purple"],
+               COLORS["black"]]
+    for i, step in enumerate(checkpoints):
+        traces = []
+        for j, method in enumerate(methods):
+            suffix = "" if j == 0 else str(j + 1)
+            shown = checkpoints[: i + 1]
+            traces.append(go.Scatter(
+                x=[p[0] for t in shown for p in points[method][t]], y=[p[1] for t in shown for p in points[method][t]],
+                mode="markers", name=VARIANT_LABELS[method], showlegend=False, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                marker=dict(size=8, color=[palette[checkpoints.index(t) % len(palette)] for t in shown
+                                           for _ in points[method][t]]),
+                hovertemplate="ΔD %{x:.3g}, ΔM %{y:.3g}<extra>" + VARIANT_LABELS[method] + "</extra>"))
+        title = "slope of ΔM on ΔD: " + ", ".join(f"{VARIANT_LABELS[m]} {slopes[m]:+.2f}" for m in methods) + \
+                f" (points up to step {step}; colour: step)"
+        steps.append((step, traces, title))
+    return stepped_figure(steps, "up to step", active=len(steps) - 1 if active is None else active, height=420,
+                          **axes)
+
+
+def first_step_cosine_figure(cosines):
+    """The cosine of each variant's first SGD step on Delta W with full fine-tuning's step, per layer, as a
+    box over the layers. cosines: {variant: [cosine per layer]}."""
+    fig = go.Figure([go.Box(y=list(c), name=VARIANT_LABELS[v], boxpoints="all", jitter=0.4, pointpos=0,
+                            marker=dict(color=PALETTE[i % len(PALETTE)]), hovertemplate="%{y:.3f}<extra></extra>")
+                     for i, (v, c) in enumerate(cosines.items())])
+    fig.update_layout(title_text="The first step of ΔW against full fine-tuning's step −G: one point per layer",
+                      yaxis=dict(title="cosine with −G", range=[-0.05, 1.05]), showlegend=False)
+    return themed(fig)
+
+
+def adalora_ranks_figure(steps_recorded, ranks, needed, budget_total):
+    """AdaLoRA's rank per layer during training; the slider picks the step. ranks: {step: [rank per layer]};
+    needed: the rank each layer's planted target has."""
+    layers = [f"layer {i}" for i in range(len(needed))]
+    top = max(max(max(r) for r in ranks.values()), max(needed)) + 1
+    steps = []
+    for step in steps_recorded:
+        traces = [go.Bar(x=layers, y=ranks[step], name="AdaLoRA's rank", marker=dict(color=COLORS["blue"]),
+                         hovertemplate="%{x}: rank %{y}<extra></extra>"),
+                  go.Scatter(x=layers, y=list(needed), name="rank of the planted update", mode="markers",
+                             marker=dict(color=COLORS["red"], size=14, symbol="line-ew-open", line=dict(width=3)),
+                             hovertemplate="%{x}: needs %{y}<extra></extra>")]
+        steps.append((step, traces, f"step {step}: ranks {list(ranks[step])} (budget {sum(ranks[step])} of "
+                                    f"{budget_total} at the end), planted {list(needed)}"))
+    return stepped_figure(steps, "step", active=len(steps) - 1, xaxis=dict(title="layer"),
+                          yaxis=dict(title="rank kept (nonzero λ)", range=[0, top]))

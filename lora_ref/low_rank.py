@@ -48,8 +48,9 @@ def _spectrum(sigma):
     return sigma
 
 
-def fit_low_rank(W_star, r, steps, lr, scaling=1.0, seed=0):
-    """Gradient descent on L(A, B) = 1/2 ||s B A - W*||_F^2 from PEFT's init (kaiming A, B = 0).
+def fit_low_rank(W_star, r, steps, lr, scaling=1.0, seed=0, start=None):
+    """Gradient descent on L(A, B) = 1/2 ||s B A - W*||_F^2 from PEFT's init (kaiming A, B = 0),
+    or from ``start`` = (A, B), the factors a variant such as PiSSA starts from.
 
     With R = s B A - W* (d, k), the gradients are dL/dB = s R A^T (d, r) and dL/dA = s B^T R (r, k);
     both factors step at once: B <- B - lr dL/dB, A <- A - lr dL/dA (float64 throughout).
@@ -66,7 +67,14 @@ def fit_low_rank(W_star, r, steps, lr, scaling=1.0, seed=0):
         _checks.check_finite_scalar(name, value)
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {name}={value}")
-    A, B = ln.init_lora(d, k, r, seed=seed)          # (r, k) kaiming, (d, r) zeros
+    if start is None:
+        A, B = ln.init_lora(d, k, r, seed=seed)      # (r, k) kaiming, (d, r) zeros
+    else:
+        A, B = (_matrix(M, name) for M, name in zip(start, ("A", "B")))
+        _checks.check_weight_and_factors(W_star.shape, A.shape, B.shape, W_name="W_star")
+        _checks.check_rank(A.shape[0], d, k)
+        if A.shape[0] != r:
+            raise ValueError(f"start has rank {A.shape[0]} (A {A.shape}) but r={r}")
     error = []
     for step in range(steps + 1):
         R = scaling * (B @ A) - W_star                # (d, k) residual s B A - W*

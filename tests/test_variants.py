@@ -380,3 +380,106 @@ def test_the_two_backends_give_the_same_numbers(seed):
                                atol=1e-12)
     for a, b in zip(ln.pissa_to_lora(A, B, A, B), lt.pissa_to_lora(T(A), T(B), T(A), T(B))):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+# --------------------------------------------------------------------------- lora_ref.variants: what the chapter measures
+
+
+from lora_ref import low_rank, variants  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", ["lora", "pissa", "olora", "dora", "vera", "adalora", "loraga"])
+def test_trainable_params_is_what_peft_trains(variant):
+    d, k, r = 24, 16, 4
+    net = OneLayer(d, k)
+    if variant == "vera":
+        config = VeraConfig(r=r, target_modules=["lin"])
+    elif variant == "adalora":
+        config = peft.AdaLoraConfig(init_r=r, target_r=2, total_step=10, target_modules=["lin"])
+    else:
+        init = {"lora": True, "pissa": "pissa", "olora": "olora", "dora": True, "loraga": "gaussian"}[variant]
+        config = LoraConfig(r=r, target_modules=["lin"], init_lora_weights=init, use_dora=variant == "dora")
+    model = get_peft_model(net, config)
+    assert model.get_nb_trainable_parameters()[0] == variants.trainable_params(variant, d, k, r)
+
+
+def test_trainable_params_refuses_unknown_variants_and_ranks():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        variants.trainable_params("qlora", 8, 8, 2)
+    with pytest.raises(ValueError, match=r"r=9 exceeds min\(d, k\)"):
+        variants.trainable_params("dora", 8, 16, 9)
+    assert variants.trainable_params("vera", 8, 16, 9) == 9 + 8      # VeRA's rank is not capped
+
+
+def test_residual_energy_is_the_two_ends_of_eckart_young():
+    W0 = np.random.default_rng(6).normal(size=(12, 9))
+    for r in (1, 4):
+        top, bottom = variants.residual_energy(W0, r)
+        s = ln.scaling(4, r)
+        total = np.sum(W0**2)
+        assert top == pytest.approx(np.sum(ln.pissa_init(W0, r, s)[2] ** 2) / total, rel=1e-10)
+        assert bottom == pytest.approx(np.sum(ln.milora_init(W0, r, s)[2] ** 2) / total, rel=1e-10)
+        assert top < bottom
+
+
+def test_planted_target_lies_in_the_chosen_subspace():
+    W0 = np.random.default_rng(7).normal(size=(20, 14))
+    U, _, Vh = np.linalg.svd(W0, full_matrices=False)
+    for subspace, idx in (("principal", slice(0, 3)), ("minor", slice(11, 14))):
+        delta = variants.planted_target(W0, 3, subspace, scale=2.0, seed=1) - W0
+        P_U, P_V = U[:, idx] @ U[:, idx].T, Vh[idx].T @ Vh[idx]
+        np.testing.assert_allclose(P_U @ delta @ P_V, delta, atol=1e-12)
+        assert np.linalg.matrix_rank(delta) == 3
+    with pytest.raises(ValueError, match="subspace must be 'principal' or 'minor'"):
+        variants.planted_target(W0, 3, "middle")
+
+
+def test_an_init_orthogonal_to_the_target_is_a_critical_point():
+    """prop-ch10-saddle: with Delta in the minor subspace, PiSSA's gradient is exactly 0, so gradient
+    descent never leaves its start; MiLoRA (whose factors span it) and LoRA reach the target."""
+    rng = np.random.default_rng(8)
+    W0 = rng.normal(size=(30, 20)) / np.sqrt(20)
+    r, s = 3, 1.0
+    W_star = variants.planted_target(W0, r, "minor", seed=2)
+    A, B, W_res = ln.pissa_init(W0, r, s)
+    R = W_res + ln.delta_w(A, B, s) - W_star                  # = -Delta
+    np.testing.assert_allclose(s * R @ A.T, 0, atol=1e-12)    # dL/dB
+    np.testing.assert_allclose(s * B.T @ R, 0, atol=1e-12)    # dL/dA
+    errors = variants.init_race(W0, W_star, r, s, steps=400, lr=0.05, inits=("lora", "pissa", "milora"))
+    assert errors["pissa"][-1] == pytest.approx(errors["pissa"][0], rel=1e-9)
+    assert errors["milora"][-1] < 0.15 * errors["milora"][0]
+    assert errors["lora"][-1] < 0.5 * errors["lora"][0]
+    principal = variants.init_race(W0, variants.planted_target(W0, r, "principal", seed=2), r, s, 100, 0.05,
+                                   inits=("pissa", "milora"))
+    assert principal["pissa"][-1] < 1e-3 * principal["pissa"][0]
+    assert principal["milora"][-1] == pytest.approx(principal["milora"][0], rel=1e-9)
+
+
+def test_fit_low_rank_from_a_start_checks_it():
+    W = np.ones((5, 4))
+    with pytest.raises(ValueError, match=r"start has rank 2 .* but r=3"):
+        low_rank.fit_low_rank(W, 3, 2, 0.1, start=(np.ones((2, 4)), np.ones((5, 2))))
+    out = low_rank.fit_low_rank(W, 2, 1, 0.1, start=(np.ones((2, 4)), np.zeros((5, 2))))
+    assert out["error"][0] == pytest.approx(np.linalg.norm(W))          # B = 0: s B A = 0 at the start
+
+
+def test_magnitude_direction_change_by_hand():
+    W0 = np.array([[3.0, 4.0], [1.0, 0.0]])
+    W = np.array([[6.0, 8.0], [0.0, 2.0]])        # row 0: same direction, norm 5 -> 10; row 1: turned 90°, 1 -> 2
+    dm, dd = variants.magnitude_direction_change(W0, W)
+    assert dm == pytest.approx((5 + 1) / 2) and dd == pytest.approx((0 + 1) / 2)
+    with pytest.raises(ValueError, match="zero"):
+        variants.magnitude_direction_change(W0, np.zeros((2, 2)))
+
+
+def test_md_slope_reads_the_sign():
+    d = np.linspace(0.0, 1.0, 20)
+    assert variants.md_slope(2 * d + 1, d)["slope"] == pytest.approx(2.0)
+    assert variants.md_slope(-d, d)["r"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match=">= 3 paired points"):
+        variants.md_slope([1.0, 2.0], [1.0, 2.0])
+
+
+def test_steps_to_reach():
+    assert variants.steps_to_reach([3.0, 2.0, 1.0, 0.5], 1.0) == 2
+    assert variants.steps_to_reach([3.0, 2.0], 1.0) is None

@@ -10,12 +10,17 @@ that math:
   with it, optionally with LoRA+'s optimizer); ``weight_gradients`` (G = dL/dW of every layer);
   ``step_geometry``; ``loraplus_run`` and ``loraplus_sweep``;
 * chapter 06: ``with_updates`` (W0 + ΔW in a copy of the model) and ``truncation_scores``;
-* chapter 07: ``lora_factors``, ``train_run``, ``measure_run`` and ``fine_tune_and_measure``.
+* chapter 07: ``lora_factors``, ``train_run``, ``measure_run`` and ``fine_tune_and_measure``;
+* chapter 10: ``variant_model`` (a PEFT model with PiSSA, MiLoRA, OLoRA, DoRA, VeRA or LoRA-GA),
+  ``variant_fine_tune``, ``effective_weight`` and the ``EffectiveWeights`` hook (DoRA's
+  Delta M / Delta D), ``first_step_cosines``, and ``adalora_planted_run`` (PEFT's AdaLoRA on layers
+  that need different ranks).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -25,12 +30,13 @@ from .. import torch as lt
 from .data import example_batches, task_examples
 from .model import load_tiny_llama
 from .runs import RECIPE, evaluate, held_out_text, standard_fine_tune, training_examples, weight_updates
-from .training import loss_per_byte, text_loss_per_byte
+from .training import adamw, loss_per_byte, text_loss_per_byte, train, train_steps
 
 __all__ = [
     "FactorNorms", "recorded_fine_tune", "recipe_batch", "weight_gradients", "step_geometry", "loraplus_run",
     "loraplus_sweep", "with_updates", "truncation_scores", "lora_factors", "train_run", "measure_run",
-    "fine_tune_and_measure",
+    "fine_tune_and_measure", "VARIANT_NAMES", "peft_lora_layers", "variant_model", "variant_fine_tune",
+    "effective_weight", "EffectiveWeights", "first_step_cosines", "adalora_planted_run",
 ]
 
 
@@ -239,3 +245,190 @@ def fine_tune_and_measure(r, seed=0, base=None, task_scores=True, top_k=10, eps=
     base = load_tiny_llama() if base is None else base
     run = train_run(r, seed, base, task_scores, steps)
     return {**run, "layers": measure_run(base, run, r, top_k, eps)}
+
+
+# --------------------------------------------------------------------------- chapter 10: the variants
+
+
+# init_lora_weights of PEFT's LoraConfig for each variant that is a LoRA init; MiLoRA (not in PEFT)
+# starts from PEFT's default and has its factors replaced by lora_ref.torch.milora_init.
+_PEFT_INIT = {"lora": True, "pissa": "pissa", "olora": "olora", "milora": True, "dora": True, "loraga": "lora_ga"}
+VARIANT_NAMES = tuple(_PEFT_INIT) + ("vera",)
+
+
+def peft_lora_layers(model):
+    """{name: PEFT LoRA layer} of a PEFT model, in model order (the layers with ``lora_A``)."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+            and "default" in getattr(m, "lora_A", {})}
+
+
+def variant_model(base, variant, r, *, alpha=None, target_modules=None, seed=0, batch=None):
+    """A PEFT model of a copy of ``base`` (never modified) with ``variant`` at rank r:
+
+        "lora", "pissa", "olora", "dora"  ``LoraConfig`` with PEFT's init_lora_weights / use_dora
+        "milora"                         PEFT's LoRA with A, B and the base replaced by ``milora_init``
+        "loraga"                         ``preprocess_loraga`` on the loss of ``batch`` (default: the
+                                         recipe's first batch for ``seed``), then ``init_lora_weights="lora_ga"``
+        "vera"                           ``VeraConfig(r, projection_prng_key=seed)``
+    alpha defaults to ``RECIPE.lora_alpha`` and target_modules to the recipe's ("all-linear"); the
+    seed draws A (torch's generator, as PEFT does).
+    """
+    from peft import LoraConfig, VeraConfig, get_peft_model
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    if variant not in VARIANT_NAMES:
+        raise ValueError(f"variant must be one of {VARIANT_NAMES}, got {variant!r}")
+    alpha = RECIPE.lora_alpha if alpha is None else alpha
+    target_modules = RECIPE.target_modules if target_modules is None else target_modules
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if variant == "vera":
+        return get_peft_model(model, VeraConfig(r=r, target_modules=target_modules, projection_prng_key=seed))
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=_PEFT_INIT[variant],
+                        use_dora=variant == "dora", lora_ga_config=LoraGAConfig() if variant == "loraga" else None)
+    if variant == "loraga":
+        # preprocess_loraga matches target_modules by name and does not expand "all-linear" as
+        # get_peft_model does: name the layers (the same ones, by lora_ref's copy of PEFT's rule)
+        config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in lt.target_names(model, target_modules)})
+        batch = recipe_batch(seed) if batch is None else batch
+        with warnings.catch_warnings():               # PEFT's full backward hook on inputs without grads
+            warnings.simplefilter("ignore", UserWarning)
+            preprocess_loraga(model, config, lambda: model(**batch).loss.backward())
+    model = get_peft_model(model, config)
+    if variant == "milora":
+        with torch.no_grad():
+            for layer in peft_lora_layers(model).values():
+                W0 = layer.base_layer.weight
+                A, B, W_res = lt.milora_init(W0, r, layer.scaling["default"])
+                layer.lora_A["default"].weight.copy_(A)
+                layer.lora_B["default"].weight.copy_(B)
+                W0.copy_(W_res)
+    return model
+
+
+def variant_fine_tune(variant, r, steps, *, seed=0, base=None, lr=None, alpha=None, target_modules=None,
+                      task="date", on_step=None, after_step=None):
+    """``variant_model`` trained with the recipe's batches and schedule (``lora_ref.tiny.train``):
+    AdamW at ``lr`` (default ``RECIPE.lora_lr``), warm-up then cosine decay. Returns (model, run)."""
+    base = load_tiny_llama() if base is None else base
+    model = variant_model(base, variant, r, alpha=alpha, target_modules=target_modules, seed=seed)
+    run = train(model, training_examples(task), steps, batch_size=RECIPE.batch_size,
+                lr=RECIPE.lora_lr if lr is None else lr, seed=seed, on_step=on_step, after_step=after_step)
+    return model, run
+
+
+@torch.no_grad()
+def effective_weight(module):
+    """The (d, k) weight a linear module applies, whatever it is made of: nn.Linear, a LoRA or DoRA
+    layer of PEFT or lora_ref (W0 + s B A, or diag(m / ||V||) V): module(I_k)^T minus its bias."""
+    base = getattr(module, "base_layer", module)
+    k = base.in_features
+    eye = torch.eye(k, dtype=base.weight.dtype, device=base.weight.device)
+    was_training = module.training
+    module.eval()
+    try:
+        W = module(eye).T                                # (d, k)
+    finally:
+        module.train(was_training)
+    return W - base.bias[:, None] if base.bias is not None else W
+
+
+def _submodule(model, name):
+    """``model.get_submodule(name)``, or the same module inside a PEFT model ("base_model.model." + name)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_submodule("base_model.model." + name)
+
+
+class EffectiveWeights:
+    """An ``on_step`` hook that keeps the effective weight (``effective_weight``) of the modules
+    ``names`` (named as in the plain model, also inside a PEFT model) at the steps in ``at``
+    (before that step's update), float64 NumPy. ``result()`` returns {step: {name: W (d, k)}}."""
+
+    def __init__(self, names, at):
+        self.names, self.at, self.weights = list(names), set(at), {}
+
+    def __call__(self, step, model, loss):
+        if step in self.at:
+            self.weights[step] = {n: effective_weight(_submodule(model, n)).double().numpy() for n in self.names}
+
+    def result(self):
+        return dict(sorted(self.weights.items()))
+
+
+def first_step_cosines(model, grads):
+    """For each PEFT LoRA layer as initialised, the cosine of the first SGD step of Delta W with the
+    full fine-tuning step -G (``gradient_dynamics.step_cosine``, ch05's projected-step view).
+    grads: {layer name without PEFT's prefix: G (d, k)}, from ``weight_gradients(base, batch)``.
+    The model's output is the base's at init for every variant here, so G is the same for all.
+    Returns {name: cosine}."""
+    out = {}
+    for name, layer in peft_lora_layers(model).items():
+        key = name.removeprefix("base_model.model.")
+        A = layer.lora_A["default"].weight.detach().double().numpy()       # (r, k)
+        B = layer.lora_B["default"].weight.detach().double().numpy()       # (d, r)
+        out[key] = gradient_dynamics.step_cosine(np.asarray(grads[key]), A, B, layer.scaling["default"])
+    return out
+
+
+class _PlantedLayers(torch.nn.Module):
+    """n independent (w, w) linear layers side by side: y = [W_1 x_1, ..., W_n x_n]; forward(x, y)
+    returns an object with ``.loss`` (the mean squared error), so PEFT's AdaLoRA adds its
+    orthogonality penalty (it does only when the output has a loss, PEFT #432)."""
+
+    def __init__(self, n, width, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width, bias=False) for _ in range(n))
+
+    def forward(self, x, y):
+        chunks = x.chunk(len(self.layers), dim=-1)
+        out = torch.cat([layer(c) for layer, c in zip(self.layers, chunks)], dim=-1)
+        return _Output(torch.nn.functional.mse_loss(out, y))
+
+
+class _Output:
+    def __init__(self, loss):
+        self.loss = loss
+
+
+def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2, seed=0, record_every=10,
+                        tinit=40, tfinal=80, delta_t=10, batch_size=64, allocate=True):
+    """PEFT's AdaLoRA on layers that need different ranks: layer i's target is W0_i + Delta_i with
+    rank(Delta_i) = needed[i] (Delta_i = U_i V_i^T, N(0, 1) / sqrt(width) factors). Every layer
+    starts at init_r; the budget falls to target_r = sum(needed) / n per layer on average
+    (``AdaLoraConfig``), and ``update_and_allocate`` runs after every optimizer step (PEFT's order);
+    allocate=False leaves it out, and every layer keeps init_r (PEFT #1801).
+    Returns {"steps": [...], "ranks": {step: [rank per layer]}, "needed", "losses", "budget"}."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    n = len(needed)
+    if sum(needed) % n:
+        raise ValueError(f"AdaLoRA's budget is target_r per layer: sum(needed) = {sum(needed)} must divide by {n}")
+    net = _PlantedLayers(n, width, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    targets = [layer.weight.detach() + torch.randn(width, q, generator=g) @ torch.randn(q, width, generator=g) / width**0.5
+               for layer, q in zip(net.layers, needed)]
+
+    def batches():
+        while True:
+            x = torch.randn(batch_size, n * width, generator=g)
+            y = torch.cat([c @ W.T for c, W in zip(x.chunk(n, dim=-1), targets)], dim=-1)
+            yield {"x": x, "y": y}
+
+    config = AdaLoraConfig(init_r=init_r, target_r=sum(needed) // n, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+                           total_step=steps, lora_alpha=init_r, target_modules=[f"layers.{i}" for i in range(n)])
+    model = get_peft_model(net, config)
+    ranks = {}
+
+    def allocate(step, model):
+        if allocate:
+            model.base_model.update_and_allocate(step)
+        if step % record_every == 0 or step == steps - 1:
+            ranks[step] = [int((m.lora_E["default"] != 0).sum()) for m in peft_lora_layers(model).values()]
+
+    run = train_steps(model, batches(), steps, optimizer=adamw(lr), warmup=0, min_lr_frac=1.0, after_step=allocate)
+    return {"steps": sorted(ranks), "ranks": ranks, "needed": list(needed), "losses": run["losses"],
+            "budget": sum(needed)}

@@ -189,7 +189,8 @@ def adamw(lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), decay_matric
 
 
 def train_steps(model, batches, steps: int, *, optimizer, warmup: int = 10, min_lr_frac: float = 0.0,
-                clip_norm: float | None = None, on_step=None, log_every: int = 0, progress: bool = False):
+                clip_norm: float | None = None, on_step=None, after_step=None, log_every: int = 0,
+                progress: bool = False):
     """``steps`` optimizer steps on ``model``, one batch each: the book's one training loop.
 
     batches:   an iterator of dicts of model inputs with ``labels`` (``model(**batch).loss``)
@@ -202,6 +203,8 @@ def train_steps(model, batches, steps: int, *, optimizer, warmup: int = 10, min_
     on_step:   ``on_step(step, model, loss)``, called after the backward pass (and the clipping),
                before the optimizer step: the gradients are this step's, the parameters still
                those the loss was computed with
+    after_step: ``after_step(step, model)``, called after the optimizer step, while the gradients
+               are still there: AdaLoRA's ``update_and_allocate`` goes here, as PEFT's docs order it
     Returns ``{"losses": [loss of each step], "seconds": wall time}``; the model ends in eval mode.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -224,6 +227,8 @@ def train_steps(model, batches, steps: int, *, optimizer, warmup: int = 10, min_
         if on_step is not None:
             on_step(step, model, losses[-1])
         opt.step()
+        if after_step is not None:
+            after_step(step, model)
         sched.step()
         if bar is not None:
             bar.update(1)
@@ -238,14 +243,14 @@ def train_steps(model, batches, steps: int, *, optimizer, warmup: int = 10, min_
 
 def train(model, examples, steps: int, batch_size: int = 32, lr: float = 5e-3,
           weight_decay: float = 0.0, warmup: int = 10, seed: int = 0, log_every: int = 0,
-          progress: bool = False, optimizer=None, on_step=None):
+          progress: bool = False, optimizer=None, on_step=None, after_step=None):
     """Fine-tune ``model`` (all its trainable parameters: a PEFT or lora_ref model trains only
     the LoRA factors) on (prompt, answer) pairs with ``train_steps``.
 
     Batches of ``batch_size`` pairs come from ``example_batches(examples, batch_size, seed)``;
     warm-up then cosine decay to 0. The optimizer is AdamW at ``lr`` with ``weight_decay``, or
     the factory ``optimizer`` (then ``lr`` and ``weight_decay`` are the factory's business and
-    must stay at their defaults). ``on_step`` goes to ``train_steps``.
+    must stay at their defaults). ``on_step`` and ``after_step`` go to ``train_steps``.
     Returns ``{"losses": [...], "seconds": s}``. ``progress=True`` shows a tqdm.auto bar,
     except in the book build, nbval and CI (see _quiet).
     """
@@ -255,7 +260,8 @@ def train(model, examples, steps: int, batch_size: int = 32, lr: float = 5e-3,
         raise ValueError(f"pass lr and weight_decay to the optimizer factory, not to train "
                          f"(got lr={lr}, weight_decay={weight_decay} with optimizer=...)")
     return train_steps(model, example_batches(examples, batch_size, seed), steps, optimizer=optimizer,
-                       warmup=warmup, on_step=on_step, log_every=log_every, progress=progress)
+                       warmup=warmup, on_step=on_step, after_step=after_step, log_every=log_every,
+                       progress=progress)
 
 
 def fine_tune(model, examples, steps: int, *, r: int | None = None, alpha: float | None = None,
