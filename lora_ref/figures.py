@@ -1005,13 +1005,13 @@ def residual_energy_figure(ranks, pissa, milora, layer):
     """||W_res||_F^2 / ||W0||_F^2 against r for PiSSA (the smallest residual, Eckart-Young) and MiLoRA (the
     largest): the two ends of the spectrum."""
     fig = go.Figure([
-        go.Scatter(x=list(ranks), y=list(pissa), name="PiSSA: W_res drops the r largest σ", mode="lines+markers",
+        go.Scatter(x=list(ranks), y=list(pissa), name="PiSSA: W<sub>res</sub> lacks the r largest σ<sub>i</sub>", mode="lines+markers",
                    line=dict(color=COLORS["blue"]), hovertemplate="r = %{x}: %{y:.3f}<extra>PiSSA</extra>"),
-        go.Scatter(x=list(ranks), y=list(milora), name="MiLoRA: W_res drops the r smallest σ", mode="lines+markers",
+        go.Scatter(x=list(ranks), y=list(milora), name="MiLoRA: W<sub>res</sub> lacks the r smallest σ<sub>i</sub>", mode="lines+markers",
                    line=dict(color=COLORS["orange"]), hovertemplate="r = %{x}: %{y:.3f}<extra>MiLoRA</extra>"),
     ])
-    fig.update_layout(title_text=f"{layer}: the share of ‖W0‖²_F left in the frozen base W_res, by rank",
-                      xaxis_title="rank r", yaxis=dict(title="‖W_res‖²_F / ‖W0‖²_F", range=[0, 1.05]))
+    fig.update_layout(title_text=f"{layer}: the share of ‖W<sub>0</sub>‖²<sub>F</sub> left in the frozen base W<sub>res</sub>, by rank",
+                      xaxis_title="rank r", yaxis=dict(title="‖W<sub>res</sub>‖²<sub>F</sub> / ‖W<sub>0</sub>‖²<sub>F</sub>", range=[0, 1.05]))
     return themed(fig)
 
 
@@ -1032,7 +1032,7 @@ def planted_race_figure(errors, active=0):
         steps.append((subspace, traces, f"target planted in the {subspace} subspace of W0: {best} gets there first; "
                                         f"an init whose factors are orthogonal to the target never moves"))
     return stepped_figure(steps, "target in the", active=active, xaxis=dict(title="gradient step"),
-                          yaxis=log_axis("‖W_res + sBA − W*‖_F (log scale)", values))
+                          yaxis=log_axis("‖W<sub>res</sub> + sBA − W*‖<sub>F</sub> (log scale)", values))
 
 
 def variant_curves_figure(curves, test_loss, reference="lora", active=1):

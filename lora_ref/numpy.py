@@ -388,10 +388,10 @@ def dora_magnitude(W):
 def dora_forward(x, W0, A, B, m, scaling):
     """DoRA (Liu et al. 2024): a trained magnitude m times a LoRA-adapted direction.
 
-        W' = diag(m / ||V||_row) V,   V = W0 + s B A,   y = x W'^T
+        W' = diag(m / ||W||_row) W,   W = W0 + s B A,   y = x W'^T
     x: (..., k);  W0: (d, k);  A: (r, k);  B: (d, r);  m: (d,)  ->  y: (..., d).
-    The row norm ||V||_row is a constant in the backward pass (DoRA section 4.3, as PEFT does):
-    in the torch backend it is detached, so gradients flow to m, A and B through V only.
+    The row norm ||W||_row is a constant in the backward pass (DoRA section 4.3, as PEFT does):
+    in the torch backend it is detached, so gradients flow to m, A and B through W only.
 
     Book: eq-ch10-dora (notebooks/10_variants).
     """
@@ -399,22 +399,22 @@ def dora_forward(x, W0, A, B, m, scaling):
     _checks.check_inputs(_shape(x), k)
     _checks.check_vector("m", _shape(m), d, "one magnitude per output row of W0 (d, k)")
     _checks.check_finite_scalar("scaling", scaling)
-    V = W0 + scaling * (B @ A)                    # (d, k)   the adapted direction, unnormalised
-    norm = _detach(_row_norms(V))                 # (d,)     ||V_i,:||, no gradient (DoRA 4.3)
+    W = W0 + scaling * (B @ A)                    # (d, k)   the adapted direction, unnormalised
+    norm = _detach(_row_norms(W))                 # (d,)     ||W_i,:||, no gradient (DoRA 4.3)
     _checks.check_no_zero_rows(int((norm == 0).sum()), d)
-    return (m / norm) * (x @ V.T)                 # (..., d)  diag(m / ||V||) V x
+    return (m / norm) * (x @ W.T)                 # (..., d)  diag(m / ||W||) W x
 
 
 def dora_grads(x, grad_y, W0, A, B, m, scaling, detach_norm=True):
     """Hand-derived gradients of a loss L through ``dora_forward``: (dA, dB, dm).
 
-    With V = W0 + s B A, n = ||V||_row, c = m / n and G = grad_y^T x (d, k), the gradient of
-    L with respect to the merged weight W' = diag(c) V:
-        dL/dm_i = <G_i, V_i> / n_i                                        (d,)
-        dL/dV   = diag(c) G                              (norm detached, DoRA section 4.3)
-        dL/dV   = diag(c) (G - diag(<G_i, V_i> / n_i^2) V)   (norm differentiated: the extra term
-                                                          removes the part of G along each row V_i)
-        dL/dB   = s dL/dV A^T  (d, r),    dL/dA = s B^T dL/dV  (r, k).
+    With W = W0 + s B A, n = ||W||_row, c = m / n and G = grad_y^T x (d, k), the gradient of
+    L with respect to DoRA's weight W' = diag(c) W:
+        dL/dm_i = <G_i, W_i> / n_i                                        (d,)
+        dL/dW   = diag(c) G                              (norm detached, DoRA section 4.3)
+        dL/dW   = diag(c) (G - diag(<G_i, W_i> / n_i^2) W)   (norm differentiated: the extra term
+                                                          removes the part of G along each row W_i)
+        dL/dB   = s dL/dW A^T  (d, r),    dL/dA = s B^T dL/dW  (r, k).
     detach_norm=True gives PEFT's gradients; False, those of the formula with nothing detached.
 
     Book: eq-ch10-dora-grads (notebooks/10_variants).
@@ -424,16 +424,16 @@ def dora_grads(x, grad_y, W0, A, B, m, scaling, detach_norm=True):
     _checks.check_grad_output(_shape(grad_y), _shape(x), d)
     _checks.check_vector("m", _shape(m), d, "one magnitude per output row of W0 (d, k)")
     _checks.check_finite_scalar("scaling", scaling)
-    V = W0 + scaling * (B @ A)                    # (d, k)
-    norm = _row_norms(V)                          # (d,)
+    W = W0 + scaling * (B @ A)                    # (d, k)
+    norm = _row_norms(W)                          # (d,)
     _checks.check_no_zero_rows(int((norm == 0).sum()), d)
     G = grad_y.reshape(-1, d).T @ x.reshape(-1, k)  # (d, k)   dL/dW' = Ybar X^T
-    along = (G * V).sum(1)                        # (d,)     <G_i, V_i>
+    along = (G * W).sum(1)                        # (d,)     <G_i, W_i>
     dm = along / norm                             # (d,)
-    dV = (m / norm)[:, None] * G                  # (d, k)   norm held constant
+    dW = (m / norm)[:, None] * G                  # (d, k)   norm held constant
     if not detach_norm:
-        dV = dV - (m * along / norm**3)[:, None] * V   # minus the component along each row V_i
-    return scaling * (B.T @ dV), scaling * (dV @ A.T), dm   # (r, k), (d, r), (d,)
+        dW = dW - (m * along / norm**3)[:, None] * W   # minus the component along each row W_i
+    return scaling * (B.T @ dW), scaling * (dW @ A.T), dm   # (r, k), (d, r), (d,)
 
 
 def vera_forward(x, W0, A, B, d_vec, b_vec):

@@ -16,6 +16,7 @@ import numpy as np
 from . import _checks
 
 __all__ = [
+    "as_matrix",
     "singular_values",
     "truncated_svd",
     "best_rank_r",
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 
-def _as_matrix(M, name="W"):
+def as_matrix(M, name="W"):
     """A torch tensor or array-like -> a finite float64 (m, n) NumPy array."""
     if hasattr(M, "detach"):                      # torch.Tensor, without importing torch
         M = M.detach().cpu().double().numpy()
@@ -46,7 +47,7 @@ def _as_matrix(M, name="W"):
 
 def singular_values(W):
     """sigma_1 >= ... >= sigma_min(m,n) >= 0."""
-    return np.linalg.svd(_as_matrix(W), compute_uv=False)
+    return np.linalg.svd(as_matrix(W), compute_uv=False)
 
 
 def truncated_svd(W, r):
@@ -54,7 +55,7 @@ def truncated_svd(W, r):
 
     W_r = U_r diag(sigma_r) Vt_r is the best rank-r approximation of W (Eckart-Young).
     """
-    W = _as_matrix(W)
+    W = as_matrix(W)
     _checks.check_rank(r, *W.shape)
     U, sigma, Vt = np.linalg.svd(W, full_matrices=False)      # (m, p), (p,), (p, n); p = min(m, n)
     return U[:, :r], sigma[:r], Vt[:r, :]
@@ -74,7 +75,7 @@ def eckart_young_error(W, r, norm="fro"):
     """
     if norm not in ("fro", "spectral"):
         raise ValueError(f"norm must be 'fro' or 'spectral', got norm={norm!r}")
-    W = _as_matrix(W)
+    W = as_matrix(W)
     _checks.check_rank(r, *W.shape)
     sigma = singular_values(W)
     tail = sigma[r:]                                  # sigma_{r+1}, sigma_{r+2}, ...
@@ -123,8 +124,8 @@ def subspace_similarity(A1, A2, i, j):
     A1: (r1, k), A2: (r2, k), 1 <= i <= r1, 1 <= j <= r2. For B matrices (d, r), pass B.T.
     Book: eq-ch07-phi (notebooks/07_trained_adapters).
     """
-    A1 = _as_matrix(A1, "A1")
-    A2 = _as_matrix(A2, "A2")
+    A1 = as_matrix(A1, "A1")
+    A2 = as_matrix(A2, "A2")
     if A1.shape[1] != A2.shape[1]:
         raise ValueError(
             f"A1 {A1.shape} and A2 {A2.shape} must have the same number of columns k (the input width)"
@@ -159,7 +160,7 @@ def projected_norm(W0, M, r):
     M = W0 (its own top-r: sqrt(sigma_1^2 + ... + sigma_r^2)) and M = a random matrix.
     Book: eq-ch07-amplification (notebooks/07_trained_adapters).
     """
-    W0, M = _as_matrix(W0, "W0"), _as_matrix(M, "M")
+    W0, M = as_matrix(W0, "W0"), as_matrix(M, "M")
     if W0.shape != M.shape:
         raise ValueError(f"W0 {W0.shape} and M {M.shape} must have the same shape (d, k)")
     _checks.check_rank(r, *W0.shape)
@@ -180,7 +181,7 @@ def amplification_factor(delta_W, W0, r):
     component in those directions.
     Book: eq-ch07-amplification (notebooks/07_trained_adapters).
     """
-    delta_W = _as_matrix(delta_W, "delta_W")
+    delta_W = as_matrix(delta_W, "delta_W")
     denominator = projected_norm(W0, delta_W, r)               # checks the shapes, r and rank(Delta W)
     numerator = float(np.linalg.norm(delta_W, "fro"))
     return numerator / denominator if denominator > 0 else math.inf
@@ -194,7 +195,7 @@ def singular_vector_overlap(W0, W, top_k=10):
     Returns a (top_k,) array in [0, 1].
     Book: eq-ch07-intruder (notebooks/07_trained_adapters).
     """
-    W0, W = _as_matrix(W0, "W0"), _as_matrix(W, "W")
+    W0, W = as_matrix(W0, "W0"), as_matrix(W, "W")
     if W0.shape != W.shape:
         raise ValueError(f"W0 {W0.shape} and W {W.shape} must have the same shape (d, k)")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):

@@ -57,10 +57,6 @@ def trainable_params(variant, d, k, r):
     return {"dora": lora + d, "vera": r + d, "adalora": lora + r}.get(variant, lora)
 
 
-def _matrix(M, name):
-    return low_rank._matrix(M, name)
-
-
 def planted_target(W0, r, subspace, scale=1.0, seed=0):
     """W* = W0 + Delta with Delta of rank r inside the principal or the minor singular subspace of W0.
 
@@ -71,7 +67,7 @@ def planted_target(W0, r, subspace, scale=1.0, seed=0):
 
     Book: fig-ch10-planted (notebooks/10_variants).
     """
-    W0 = _matrix(W0, "W0")
+    W0 = spectral.as_matrix(W0, "W0")
     d, k = W0.shape
     _checks.check_rank(r, d, k)
     if subspace not in ("principal", "minor"):
@@ -93,7 +89,7 @@ def init_race(W0, W_star, r, scaling, steps, lr, inits=("lora", "pissa", "milora
 
     Book: fig-ch10-planted (notebooks/10_variants).
     """
-    W0, W_star = _matrix(W0, "W0"), _matrix(W_star, "W_star")
+    W0, W_star = spectral.as_matrix(W0, "W0"), spectral.as_matrix(W_star, "W_star")
     if W0.shape != W_star.shape:
         raise ValueError(f"W0 is {W0.shape} but W_star is {W_star.shape}: the target is a weight of the same shape")
     errors = {}
@@ -118,7 +114,7 @@ def magnitude_direction_change(W0, W):
 
     Book: fig-ch10-md (notebooks/10_variants).
     """
-    W0, W = _matrix(W0, "W0"), _matrix(W, "W")
+    W0, W = spectral.as_matrix(W0, "W0"), spectral.as_matrix(W, "W")
     if W0.shape != W.shape:
         raise ValueError(f"W0 is {W0.shape} but W is {W.shape}")
     m0, m = ln.dora_magnitude(W0), ln.dora_magnitude(W)       # (d,), (d,)
@@ -160,7 +156,7 @@ def residual_energy(W0, r):
     smallest and the largest residual that r singular triplets can leave).
 
     Book: prop-ch10-residual (notebooks/10_variants)."""
-    sigma = spectral.singular_values(_matrix(W0, "W0"))
+    sigma = spectral.singular_values(spectral.as_matrix(W0, "W0"))
     _checks.check_rank(r, len(sigma), len(sigma))
     total = float(np.sum(sigma**2))
     return float(np.sum(sigma[r:] ** 2)) / total, float(np.sum(sigma[: len(sigma) - r] ** 2)) / total

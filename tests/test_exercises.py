@@ -96,6 +96,18 @@ CASES = [
     # every row pays for rank 64: 1 - (4 + 8 + 64) / (3 * 64) = 29/48
     ("ch09_padding_overhead", lambda a: ex.ch09_padding_overhead(a, ranks=(4, 8, 64), rows=(1, 1, 1)),
      29 / 48, [0.6042, 0.60417], [0.6041, 0.6043, 1 - 29 / 48]),
+    # chapter 10: diag(5, 3, 2, 1), r = 2: PiSSA keeps 2, 1 in W_res, MiLoRA keeps 5, 3
+    ("ch10_residual_norms", lambda a: ex.ch10_residual_norms(a, sigma=(5.0, 3.0, 2.0, 1.0), r=2),
+     (math.sqrt(5), math.sqrt(34)), [(2.236, 5.831), (2.2361, 5.8310)], [(2.237, 5.831), (5.831, 2.236), (3.0, 5.831)]),
+    # r' = 2r = 32 at s = 32 / sqrt(16) = 8: alpha' = 8 sqrt(32) = 32 sqrt(2)
+    ("ch10_conversion_config", lambda a: ex.ch10_conversion_config(a, r=16, alpha=32.0, rslora=True),
+     (32, 32 * math.sqrt(2)), [(32, 32 * math.sqrt(2))], [(32, 64.0), (16, 45.254834), (32, 45.25)]),
+    # sum k = 6 * 4096 + 14336 = 38912 over 7 layers: r >= 5558.86
+    ("ch10_vera_rank_for_lora_budget", lambda a: ex.ch10_vera_rank_for_lora_budget(a, model="llama-3.1-8b"),
+     5559, [5559], [5558, 5560, 38912]),
+    # PiSSA's factors span e_1; the residual 0.5 e_4 e_4^T is orthogonal: nothing moves
+    ("ch10_stuck_error", lambda a: ex.ch10_stuck_error(a, sigma=(4.0, 3.0, 2.0, 1.0), r=1, planted=0.5),
+     0.5, [0.5, 0.50001], [0.0, 0.4999, 0.25]),
 ]
 IDS = [c[0] for c in CASES]
 CHECKERS = {c[0]: c[1] for c in CASES}

@@ -193,3 +193,84 @@ def test_with_updates_checks_every_update_before_it_copies(shipped_tiny):
         experiments.with_updates(shipped_tiny, {name: good, "model.layers.1.self_attn.k_proj": np.zeros((2, 2))})
     with pytest.raises(ValueError, match="non-finite"):
         experiments.with_updates(shipped_tiny, {name: np.full_like(good, np.nan)})
+
+
+# --------------------------------------------------------------------------- chapter 10: the variants
+
+
+@pytest.mark.parametrize("variant", ["pissa", "milora", "olora", "loraga"])
+def test_variant_models_start_as_the_base_model(shipped_tiny, variant):
+    """W_res + s B A = W0 on every layer, so the loss at the start is the base's (to float32 rounding)."""
+    batch = experiments.recipe_batch(0, batch_size=8)
+    model = experiments.variant_model(shipped_tiny, variant, 4, seed=0, batch=batch)
+    assert len(experiments.peft_lora_layers(model)) == 28
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(shipped_tiny(**batch).loss.item(), abs=1e-4)
+        name = "model.layers.1.mlp.down_proj"
+        W = experiments.effective_weight(model.get_submodule("base_model.model." + name))
+        torch.testing.assert_close(W, shipped_tiny.get_submodule(name).weight, atol=1e-5, rtol=0)
+
+
+def test_milora_model_holds_the_minor_triplets(shipped_tiny):
+    model = experiments.variant_model(shipped_tiny, "milora", 4, seed=0)
+    layer = experiments.peft_lora_layers(model)["base_model.model.model.layers.0.self_attn.k_proj"]
+    W0 = shipped_tiny.get_submodule("model.layers.0.self_attn.k_proj").weight.detach()
+    sigma = torch.linalg.svdvals(W0.double())
+    s = layer.scaling["default"]
+    BA = lt.delta_w(layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(), s)
+    torch.testing.assert_close(torch.linalg.svdvals(BA.double())[:4], sigma[-4:], atol=1e-5, rtol=1e-4)
+
+
+def test_effective_weights_hook_records_w0_first_and_dora_changes_magnitudes(shipped_tiny):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.v_proj"]
+    hook = experiments.EffectiveWeights(names, at=[0, 3])
+    experiments.variant_fine_tune("dora", 4, 4, seed=0, base=shipped_tiny, on_step=hook)
+    weights = hook.result()
+    assert list(weights) == [0, 3]
+    for n in names:
+        np.testing.assert_array_equal(weights[0][n], shipped_tiny.get_submodule(n).weight.detach().double().numpy())
+        assert np.abs(weights[3][n] - weights[0][n]).max() > 0
+
+
+def test_variant_model_refuses_an_unknown_variant(shipped_tiny):
+    with pytest.raises(ValueError, match="variant must be one of"):
+        experiments.variant_model(shipped_tiny, "qlora", 4)
+
+
+def test_first_step_cosine_of_loraga_is_near_one(shipped_tiny):
+    batch = experiments.recipe_batch(0, batch_size=8)
+    G = experiments.weight_gradients(shipped_tiny, batch)
+    cos = experiments.first_step_cosines(experiments.variant_model(shipped_tiny, "loraga", 4, batch=batch), G)
+    lora = experiments.first_step_cosines(experiments.variant_model(shipped_tiny, "lora", 4), G)
+    assert set(cos) == set(G) and min(cos.values()) > max(lora.values())
+
+
+def test_adalora_allocates_the_planted_ranks_only_with_update_and_allocate():
+    kwargs = dict(needed=(1, 2, 6), steps=300, tinit=30, tfinal=60)
+    ada = experiments.adalora_planted_run(**kwargs)
+    assert ada["ranks"][ada["steps"][-1]] == [1, 2, 6]
+    assert experiments.adalora_planted_run(**kwargs, allocate=False)["ranks"][299] == [6, 6, 6]
+    with pytest.raises(ValueError, match="must divide by 3"):
+        experiments.adalora_planted_run(needed=(1, 2, 4))
+
+
+def test_train_steps_calls_after_step_after_the_optimizer():
+    model = torch.nn.Linear(3, 1)
+    seen = []
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def batches():
+        while True:
+            yield {"x": torch.ones(2, 3)}
+
+    wrapped = torch.nn.Module()
+    wrapped.lin = model
+    wrapped.forward = lambda x: Out(model(x).pow(2).mean())
+    before = model.weight.detach().clone()
+    tiny.train_steps(wrapped, batches(), 2, optimizer=tiny.adamw(0.1), warmup=0, min_lr_frac=1.0,
+                     after_step=lambda step, m: seen.append((step, m.lin.weight.detach().clone(), m.lin.weight.grad)))
+    assert [s for s, _, _ in seen] == [0, 1]
+    assert not torch.equal(seen[0][1], before) and seen[0][2] is not None     # moved, gradients still there

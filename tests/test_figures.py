@@ -155,3 +155,44 @@ def test_every_drawn_trace_has_a_legend_entry_or_shares_one():
     shown = {t.legendgroup or t.name for t in fig.data if t.showlegend is not False}
     silent = [t.name for t in fig.data if t.showlegend is False and (t.legendgroup or t.name) not in shown]
     assert silent == []
+
+
+# --------------------------------------------------------------------------- chapter 10
+
+
+def test_planted_race_figure_has_a_step_per_subspace_and_names_the_winner():
+    errors = {"principal": {"lora": [1.0, 0.5], "pissa": [1.0, 1e-9]}, "minor": {"lora": [1.0, 0.5], "pissa": [1.0, 1.0]}}
+    fig = figures.planted_race_figure(errors)
+    _check_slider(fig, 2, 2)
+    assert "PiSSA gets there first" in fig.layout.sliders[0].steps[0].args[1]["title.text"]
+    assert "LoRA gets there first" in fig.layout.sliders[0].steps[1].args[1]["title.text"]
+    assert fig.layout.yaxis.type == "log"
+
+
+def test_variant_curves_figure_compares_each_variant_with_lora():
+    curves = {"lora": [3.0, 2.0, 1.0], "pissa": [2.5, 1.5, 1.2], "dora": [3.0, 2.1, 0.9]}
+    fig = figures.variant_curves_figure(curves, {"lora": [1.0, 1.2], "pissa": [1.5, 1.5], "dora": [0.9, 0.9]})
+    _check_slider(fig, 2, 2)
+    assert "PiSSA: held-out loss 1.500 against 1.100 for LoRA" in fig.layout.sliders[0].steps[0].args[1]["title.text"]
+
+
+def test_md_scatter_figure_accumulates_points_in_three_panels():
+    points = {m: {10: [(0.1, 0.2), (0.2, 0.3)], 20: [(0.3, 0.4), (0.4, 0.5)]} for m in ("full", "lora", "dora")}
+    fig = figures.md_scatter_figure(points, {"full": -0.5, "lora": 1.0, "dora": 0.2})
+    _check_slider(fig, 2, 3)
+    assert [len(t.x) for t in fig.data] == [2, 2, 2, 4, 4, 4]                 # step 20 shows both checkpoints
+    assert {t.xaxis for t in fig.data} == {"x", "x2", "x3"}
+    assert "full fine-tuning -0.50" in fig.layout.title.text
+
+
+def test_adalora_ranks_figure_marks_the_planted_ranks():
+    fig = figures.adalora_ranks_figure([0, 10], {0: [6, 6, 6], 10: [1, 2, 6]}, [1, 2, 6], 9)
+    _check_slider(fig, 2, 2)
+    assert list(fig.data[2].y) == [1, 2, 6] and list(fig.data[3].y) == [1, 2, 6]
+
+
+def test_residual_energy_and_cosine_figures_label_their_axes():
+    fig = figures.residual_energy_figure([1, 2], [0.5, 0.3], [0.99, 0.98], "layer")
+    assert fig.layout.yaxis.title.text and fig.layout.xaxis.title.text and len(fig.data) == 2
+    fig = figures.first_step_cosine_figure({"lora": [0.1, 0.2], "loraga": [0.9, 1.0]})
+    assert [t.name for t in fig.data] == ["LoRA", "LoRA-GA"] and fig.layout.yaxis.title.text

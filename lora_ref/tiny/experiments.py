@@ -423,12 +423,12 @@ def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2
     model = get_peft_model(net, config)
     ranks = {}
 
-    def allocate(step, model):
+    def after_step(step, model):
         if allocate:
             model.base_model.update_and_allocate(step)
         if step % record_every == 0 or step == steps - 1:
             ranks[step] = [int((m.lora_E["default"] != 0).sum()) for m in peft_lora_layers(model).values()]
 
-    run = train_steps(model, batches(), steps, optimizer=adamw(lr), warmup=0, min_lr_frac=1.0, after_step=allocate)
+    run = train_steps(model, batches(), steps, optimizer=adamw(lr), warmup=0, min_lr_frac=1.0, after_step=after_step)
     return {"steps": sorted(ranks), "ranks": ranks, "needed": list(needed), "losses": run["losses"],
             "budget": sum(needed)}
