@@ -102,6 +102,9 @@ def save(name: str, obj) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it private (0600); a data file is readable
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

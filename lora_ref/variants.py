@@ -141,13 +141,23 @@ def md_slope(delta_m, delta_d):
             "p": float(fit.pvalue), "n": int(x.size)}
 
 
-def steps_to_reach(losses, threshold):
-    """The first step t (0-based) with losses[t] <= threshold, or None if the curve never gets there."""
+def steps_to_reach(losses, threshold, window=1):
+    """The first step t (0-based) at which the mean of the last ``window`` losses, steps
+    t - window + 1 .. t, is <= threshold; None if it never is. window > 1 smooths the noise of
+    one batch's loss.
+
+    Book: tbl-ch10-inits (notebooks/10_variants).
+    """
     _checks.check_finite_scalar("threshold", threshold)
-    for t, value in enumerate(losses):
-        if value <= threshold:
-            return t
-    return None
+    _checks.check_dim("window", window)
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 1:
+        raise ValueError(f"losses must be 1-D, got shape {losses.shape}")
+    if losses.size < window:
+        return None
+    means = np.convolve(losses, np.ones(window) / window, mode="valid")     # means[j]: steps j .. j + window - 1
+    hit = np.flatnonzero(means <= threshold)
+    return int(hit[0]) + window - 1 if hit.size else None
 
 
 def residual_energy(W0, r):

@@ -81,3 +81,16 @@ def test_bad_names_and_missing_files_say_what_is_shipped():
         shipped.path("../etc/passwd")
     with pytest.raises(FileNotFoundError, match=r"no shipped result nothing.json .* shipped: \['ch03_rank_sweep'"):
         shipped.load("nothing")
+
+
+def test_a_saved_file_is_readable_as_any_checked_out_file(tmp_path, monkeypatch):
+    """mkstemp makes its file 0600; the shipped file gets the mode the umask gives a new file."""
+    import os
+
+    monkeypatch.setattr(shipped, "DATA", tmp_path)
+    umask = os.umask(0o022)
+    try:
+        mode = shipped.save("result", {"a": 1}).stat().st_mode & 0o777
+    finally:
+        os.umask(umask)
+    assert mode == 0o644

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from lora_ref import low_rank, spectral, variants
 from lora_ref import numpy as ln
-from lora_ref import spectral
 from lora_ref import torch as lt
 
 peft = pytest.importorskip("peft")
@@ -385,9 +385,6 @@ def test_the_two_backends_give_the_same_numbers(seed):
 # --------------------------------------------------------------------------- lora_ref.variants: what the chapter measures
 
 
-from lora_ref import low_rank, variants  # noqa: E402
-
-
 @pytest.mark.parametrize("variant", ["lora", "pissa", "olora", "dora", "vera", "adalora", "loraga"])
 def test_trainable_params_is_what_peft_trains(variant):
     d, k, r = 24, 16, 4
@@ -483,3 +480,6 @@ def test_md_slope_reads_the_sign():
 def test_steps_to_reach():
     assert variants.steps_to_reach([3.0, 2.0, 1.0, 0.5], 1.0) == 2
     assert variants.steps_to_reach([3.0, 2.0], 1.0) is None
+    assert variants.steps_to_reach([3.0, 0.0, 3.0, 1.0, 1.0], 1.0, window=2) == 4    # a lucky batch is smoothed out
+    assert variants.steps_to_reach([3.0, 0.0, 3.0, 1.0, 1.0], 1.5, window=2) == 1
+    assert variants.steps_to_reach([0.5], 1.0, window=2) is None
