@@ -483,3 +483,11 @@ def test_steps_to_reach():
     assert variants.steps_to_reach([3.0, 0.0, 3.0, 1.0, 1.0], 1.0, window=2) == 4    # a lucky batch is smoothed out
     assert variants.steps_to_reach([3.0, 0.0, 3.0, 1.0, 1.0], 1.5, window=2) == 1
     assert variants.steps_to_reach([0.5], 1.0, window=2) is None
+
+
+def test_init_race_refuses_unknown_inits_and_mismatched_targets():
+    W0 = np.random.default_rng(9).normal(size=(6, 5))
+    with pytest.raises(ValueError, match="inits must name 'lora' or one of"):
+        variants.init_race(W0, W0, 2, 1.0, 3, 0.1, inits=("dora",))
+    with pytest.raises(ValueError, match=r"W0 is \(6, 5\) but W_star is \(5, 6\)"):
+        variants.init_race(W0, W0.T, 2, 1.0, 3, 0.1)
