@@ -302,7 +302,7 @@ def pissa_init(W0, r, scaling):
     ||W_res||_F^2 = sum_{i > r} sigma_i^2. PEFT: ``LoraConfig(init_lora_weights="pissa")``.
     Returns (A, B, W_res); the signs of matching columns of U and rows of V^T are free.
 
-    Book: prop-ch10-residual (notebooks/10_variants).
+    Book: eq-ch10-pissa, prop-ch10-residual (notebooks/10_variants).
     """
     d, k = _checks.check_weight(_shape(W0))
     _checks.check_rank(r, d, k)
@@ -321,7 +321,7 @@ def milora_init(W0, r, scaling):
     Not in PEFT; the factors are those of ``pissa_init`` at the other end of the spectrum.
     Returns (A, B, W_res).
 
-    Book: prop-ch10-residual (notebooks/10_variants).
+    Book: eq-ch10-pissa, prop-ch10-residual (notebooks/10_variants).
     """
     d, k = _checks.check_weight(_shape(W0))
     _checks.check_rank(r, d, k)
@@ -340,7 +340,7 @@ def olora_init(W0, r, scaling):
     PEFT: ``LoraConfig(init_lora_weights="olora")``. Returns (A, B, W_res); a column of Q and
     the matching row of R may both change sign.
 
-    Book: tbl-ch10-variants (notebooks/10_variants).
+    Book: prop-ch10-residual (notebooks/10_variants).
     """
     d, k = _checks.check_weight(_shape(W0))
     _checks.check_rank(r, d, k)
@@ -378,7 +378,7 @@ def dora_magnitude(W):
     PEFT starts m at dora_magnitude(W0 + s B A) (= the row norms of W0, since B = 0 at init) and
     trains it; the direction (W0 + s B A) / ||W0 + s B A||_row is trained through B and A.
 
-    Book: eq-ch10-dora (notebooks/10_variants).
+    Book: eq-ch10-dora, prop-ch10-dora (notebooks/10_variants).
     """
     d, _ = _checks.check_weight(_shape(W), name="W")
     _check_finite("W", W)

@@ -46,7 +46,7 @@ def trainable_params(variant, d, k, r):
     r may exceed min(d, k) (its paper uses r up to 1024 and more, since r costs one number per rank);
     every other rank is at most min(d, k).
 
-    Book: tbl-ch10-variants (notebooks/10_variants).
+    Book: eq-ch10-counts (notebooks/10_variants).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -65,7 +65,7 @@ def planted_target(W0, r, subspace, scale=1.0, seed=0):
     A fine-tune that needs only directions W0 already uses is "principal"; one that needs
     directions W0 barely uses is "minor". Returns W*: (d, k).
 
-    Book: fig-ch10-planted (notebooks/10_variants).
+    Book: prop-ch10-saddle (notebooks/10_variants).
     """
     W0 = spectral.as_matrix(W0, "W0")
     d, k = W0.shape
@@ -87,7 +87,7 @@ def init_race(W0, W_star, r, scaling, steps, lr, inits=("lora", "pissa", "milora
     target W* - W_res from that start, so the only difference is where A and B begin.
     Returns {init: [||W_res + s B A - W*||_F at steps 0 .. steps]}.
 
-    Book: fig-ch10-planted (notebooks/10_variants).
+    Book: prop-ch10-saddle (notebooks/10_variants).
     """
     W0, W_star = spectral.as_matrix(W0, "W0"), spectral.as_matrix(W_star, "W_star")
     if W0.shape != W_star.shape:
@@ -112,7 +112,7 @@ def magnitude_direction_change(W0, W):
     (the paper's column norm ||.||_c, on the book's (d, k) weight whose rows are the output units).
     W0, W: (d, k). Returns (Delta M, Delta D).
 
-    Book: fig-ch10-md (notebooks/10_variants).
+    Book: eq-ch10-md (notebooks/10_variants).
     """
     W0, W = spectral.as_matrix(W0, "W0"), spectral.as_matrix(W, "W")
     if W0.shape != W.shape:
@@ -131,7 +131,7 @@ def md_slope(delta_m, delta_d):
     (positive): LoRA moves magnitude and direction together. ``scipy.stats.linregress``.
     Returns {"slope", "intercept", "r", "p", "n"}.
 
-    Book: fig-ch10-md (notebooks/10_variants).
+    Book: eq-ch10-md (notebooks/10_variants).
     """
     x, y = np.asarray(delta_d, dtype=np.float64), np.asarray(delta_m, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 3:
@@ -146,7 +146,7 @@ def steps_to_reach(losses, threshold, window=1):
     t - window + 1 .. t, is <= threshold; None if it never is. window > 1 smooths the noise of
     one batch's loss.
 
-    Book: tbl-ch10-inits (notebooks/10_variants).
+    Book: eq-ch10-reach (notebooks/10_variants).
     """
     _checks.check_finite_scalar("threshold", threshold)
     _checks.check_dim("window", window)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+)\)\.")
 MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral",
            "lora_ref.initialization", "lora_ref.rank_scaling", "lora_ref.adapter_geometry",
-           "lora_ref.gradient_dynamics", "lora_ref.low_rank", "lora_ref.adapters", "lora_ref.serving"]
+           "lora_ref.gradient_dynamics", "lora_ref.low_rank", "lora_ref.adapters", "lora_ref.serving",
+           "lora_ref.variants"]
 
 # The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
 REQUIRED = {
@@ -74,6 +75,16 @@ REQUIRED = {
     "lora_ref.serving.swap_drift": "prop-ch09-drift",
     "lora_ref.serving.swap_drift_bound": "prop-ch09-drift",
     "lora_ref.serving.adapters_that_fit": "eq-ch09-fit",
+    "lora_ref.numpy.pissa_init": "eq-ch10-pissa",
+    "lora_ref.numpy.milora_init": "eq-ch10-pissa",
+    "lora_ref.numpy.pissa_to_lora": "prop-ch10-conversion",
+    "lora_ref.numpy.dora_forward": "eq-ch10-dora",
+    "lora_ref.numpy.dora_grads": "eq-ch10-dora-grads",
+    "lora_ref.numpy.vera_forward": "eq-ch10-vera",
+    "lora_ref.numpy.loraga_init": "prop-ch10-loraga",
+    "lora_ref.variants.trainable_params": "eq-ch10-counts",
+    "lora_ref.variants.init_race": "prop-ch10-saddle",
+    "lora_ref.variants.magnitude_direction_change": "eq-ch10-md",
 }
 
 
