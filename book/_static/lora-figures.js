@@ -5,7 +5,7 @@
  * draw (a slider move or a resize draws again), we
  *   - wrap the title to the figure's width and make the top margin hold the title and the
  *     legend as drawn (a legend wraps into more rows on a phone);
- *   - stack side-by-side panels (xaxis2 beside xaxis) one above the other below 640 px;
+ *   - stack side-by-side panels (xaxis2, xaxis3 beside xaxis) one above the other below 640 px;
  *   - follow pydata-sphinx-theme's light and dark modes (transparent backgrounds, light text).
  * Nothing here changes the data: only where things are drawn and in what colours.
  */
@@ -44,27 +44,29 @@
     return r.width || r.height ? r : null;
   }
 
+  // the axes of panel i: "xaxis", "yaxis" for the first, "xaxis2", "yaxis2" for the second, ...
+  function axes(i) { return i ? ["xaxis" + (i + 1), "yaxis" + (i + 1)] : ["xaxis", "yaxis"]; }
+
+  function panels(L) {
+    var n = 1;
+    while (L[axes(n)[0]]) n++;
+    return n;
+  }
+
   function stack(gd, update) {
     var L = gd._fullLayout, orig = gd._loraOrig;
-    if (!L.xaxis2 || !orig) return;
+    if (!orig || orig.panels < 2) return;
     var narrow = gd.clientWidth < NARROW;
     if (narrow === gd._loraStacked) return;
     gd._loraStacked = narrow;
-    if (narrow) {
-      update["xaxis.domain"] = [0, 1];
-      update["xaxis2.domain"] = [0, 1];
-      update["yaxis.domain"] = [0.62, 1];
-      update["yaxis2.domain"] = [0, 0.38];
-      update.height = Math.round(orig.height * 1.7 + 60);
-      gd.style.height = update.height + "px";      // the renderer fixed the div's height: let it grow
-    } else {
-      update["xaxis.domain"] = orig.x;
-      update["xaxis2.domain"] = orig.x2;
-      update["yaxis.domain"] = orig.y;
-      update["yaxis2.domain"] = orig.y2;
-      update.height = orig.height;
-      gd.style.height = orig.height + "px";
+    var n = orig.panels, gap = 0.24 / (n - 1), h = (1 - gap * (n - 1)) / n;   // 2 panels: 0.62-1 and 0-0.38
+    for (var i = 0; i < n; i++) {
+      var a = axes(i);
+      update[a[0] + ".domain"] = narrow ? [0, 1] : orig.x[i];
+      update[a[1] + ".domain"] = narrow ? [1 - (i + 1) * h - i * gap, 1 - i * (h + gap)] : orig.y[i];
     }
+    update.height = narrow ? Math.round(orig.height * 0.85 * n + 60) : orig.height;
+    gd.style.height = update.height + "px";          // the renderer fixed the div's height: let it grow
   }
 
   function theme(gd, update) {
@@ -96,11 +98,13 @@
     if (gd._loraBusy || !gd._fullLayout) return;
     var L = gd._fullLayout, update = {};
     if (!gd._loraOrig) {
-      gd._loraOrig = {
-        height: L.height,
-        x: L.xaxis && L.xaxis.domain.slice(), x2: L.xaxis2 && L.xaxis2.domain.slice(),
-        y: L.yaxis && L.yaxis.domain.slice(), y2: L.yaxis2 && L.yaxis2.domain.slice()
-      };
+      var n = panels(L);
+      gd._loraOrig = {height: L.height, panels: n, x: [], y: []};
+      for (var i = 0; i < n; i++) {
+        var a = axes(i);
+        gd._loraOrig.x.push(L[a[0]] && L[a[0]].domain.slice());
+        gd._loraOrig.y.push(L[a[1]] && L[a[1]].domain.slice());
+      }
     }
     stack(gd, update);
     theme(gd, update);
