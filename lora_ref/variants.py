@@ -25,7 +25,7 @@ from . import _checks, low_rank, spectral
 from . import numpy as ln
 
 __all__ = ["VARIANTS", "INITS", "trainable_params", "residual_energy", "planted_target", "init_race",
-           "magnitude_direction_change", "md_slope", "steps_to_reach"]
+           "magnitude_direction_change", "md_slope", "steps_to_reach", "adalora_triplet_scores"]
 
 # The variants of chapter 10, in the order of its table.
 VARIANTS = ("lora", "pissa", "milora", "olora", "loraga", "dora", "vera", "adalora")
@@ -170,3 +170,22 @@ def residual_energy(W0, r):
     _checks.check_rank(r, len(sigma), len(sigma))
     total = float(np.sum(sigma**2))
     return float(np.sum(sigma[r:] ** 2)) / total, float(np.sum(sigma[: len(sigma) - r] ** 2)) / total
+
+
+def adalora_triplet_scores(score_A, score_E, score_B):
+    """AdaLoRA's importance of each triplet (B_:,i, Lambda_ii, A_i,:) of one layer (Zhang et al. 2023):
+
+        S_i = s(Lambda_ii) + mean_j s(A_ij) + mean_j s(B_ji),
+    where s(w) is an entry's smoothed sensitivity times its uncertainty (PEFT's ``RankAllocator``:
+    exp_avg_ipt * exp_avg_unc of |w dL/dw|). score_A: (r, k), score_E: (r,) or (r, 1), score_B: (d, r)
+    -> (r,). The allocator zeroes every Lambda_ii whose S_i is among the lowest over all layers, until
+    the total rank meets the budget.
+
+    Book: eq-ch10-adalora-score (notebooks/10_variants).
+    """
+    score_A, score_B = spectral.as_matrix(score_A, "score_A"), spectral.as_matrix(score_B, "score_B")
+    score_E = np.asarray(score_E.detach().cpu().double() if hasattr(score_E, "detach") else score_E,
+                         dtype=np.float64).reshape(-1)
+    _checks.check_factors(score_A.shape, score_B.shape)
+    _checks.check_vector("score_E", score_E.shape, score_A.shape[0], "one score per triplet")
+    return score_E + score_A.mean(axis=1) + score_B.mean(axis=0)         # (r,)

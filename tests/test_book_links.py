@@ -85,6 +85,7 @@ REQUIRED = {
     "lora_ref.variants.trainable_params": "eq-ch10-counts",
     "lora_ref.variants.init_race": "prop-ch10-saddle",
     "lora_ref.variants.magnitude_direction_change": "eq-ch10-md",
+    "lora_ref.variants.adalora_triplet_scores": "eq-ch10-adalora-score",
 }
 
 

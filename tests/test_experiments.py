@@ -249,6 +249,10 @@ def test_adalora_allocates_the_planted_ranks_only_with_update_and_allocate():
     kwargs = dict(needed=(1, 2, 6), steps=300, tinit=30, tfinal=60)
     ada = experiments.adalora_planted_run(**kwargs)
     assert ada["ranks"][ada["steps"][-1]] == [1, 2, 6]
+    # the triplet scores recomputed from PEFT's allocator select exactly what PEFT kept
+    scores = np.concatenate([ada["scores"][i] for i in range(3)])
+    threshold = np.sort(scores)[::-1][ada["budget"] - 1]
+    assert [int(np.sum(np.asarray(ada["scores"][i]) >= threshold)) for i in range(3)] == [1, 2, 6]
     assert experiments.adalora_planted_run(**kwargs, allocate=False)["ranks"][299] == [6, 6, 6]
     with pytest.raises(ValueError, match="must divide by 3"):
         experiments.adalora_planted_run(needed=(1, 2, 4))

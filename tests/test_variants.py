@@ -491,3 +491,12 @@ def test_init_race_refuses_unknown_inits_and_mismatched_targets():
         variants.init_race(W0, W0, 2, 1.0, 3, 0.1, inits=("dora",))
     with pytest.raises(ValueError, match=r"W0 is \(6, 5\) but W_star is \(5, 6\)"):
         variants.init_race(W0, W0.T, 2, 1.0, 3, 0.1)
+
+
+def test_adalora_triplet_scores_by_hand_and_their_shapes():
+    score_A = np.array([[1.0, 3.0], [0.0, 0.0]])          # (r, k): row means 2, 0
+    score_E = np.array([[0.5], [4.0]])                    # (r, 1), as PEFT stores lora_E
+    score_B = np.array([[2.0, 0.0], [0.0, 0.0], [4.0, 3.0]])   # (d, r): column means 2, 1
+    np.testing.assert_allclose(variants.adalora_triplet_scores(score_A, score_E, score_B), [4.5, 5.0])
+    with pytest.raises(ValueError, match=r"score_E has shape \(3,\); expected \(2,\)"):
+        variants.adalora_triplet_scores(score_A, np.ones(3), score_B)

@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from .. import adapter_geometry, gradient_dynamics, low_rank
+from .. import adapter_geometry, gradient_dynamics, low_rank, variants
 from .. import torch as lt
 from .data import example_batches, task_examples
 from .model import load_tiny_llama
@@ -401,7 +401,8 @@ def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2
     starts at init_r; the budget falls to target_r = sum(needed) / n per layer on average
     (``AdaLoraConfig``), and ``update_and_allocate`` runs after every optimizer step (PEFT's order);
     allocate=False leaves it out, and every layer keeps init_r (PEFT #1801).
-    Returns {"steps": [...], "ranks": {step: [rank per layer]}, "needed", "losses", "budget"}."""
+    Returns {"steps": [...], "ranks": {step: [rank per layer]}, "needed", "losses", "budget", "scores":
+    {layer: [``variants.adalora_triplet_scores`` at the final allocation, step steps - tfinal]}}."""
     from peft import AdaLoraConfig, get_peft_model
 
     n = len(needed)
@@ -421,9 +422,16 @@ def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2
     config = AdaLoraConfig(init_r=init_r, target_r=sum(needed) // n, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
                            total_step=steps, lora_alpha=init_r, target_modules=[f"layers.{i}" for i in range(n)])
     model = get_peft_model(net, config)
-    ranks = {}
+    ranks, scores = {}, {}
 
     def after_step(step, model):
+        if allocate and step == steps - tfinal:     # the final allocation masks by these scores, then resets them
+            allocator = model.base_model.rankallocator
+            score = lambda name: (allocator.exp_avg_ipt[name] * allocator.exp_avg_unc[name]).double().numpy()
+            for i in range(n):
+                key = f"layers.{i}.%s.default"
+                scores[i] = variants.adalora_triplet_scores(score(key % "lora_A"), score(key % "lora_E"),
+                                                            score(key % "lora_B")).tolist()
         if allocate:
             model.base_model.update_and_allocate(step)
         if step % record_every == 0 or step == steps - 1:
@@ -431,4 +439,4 @@ def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2
 
     run = train_steps(model, batches(), steps, optimizer=adamw(lr), warmup=0, min_lr_frac=1.0, after_step=after_step)
     return {"steps": sorted(ranks), "ranks": ranks, "needed": list(needed), "losses": run["losses"],
-            "budget": sum(needed)}
+            "budget": sum(needed), "scores": scores}
