@@ -39,12 +39,9 @@ def g6(x):
 
 def vera_rank(model):
     """The VeRA rank that trains as many numbers per decoder layer as LoRA at r = 1, to the nearest integer."""
-    from lora_ref.tiny import CONFIG
-
     shapes = [(m.out_features, m.in_features) for n, m in model.named_modules()
               if n.startswith("model.layers.0.") and hasattr(m, "in_features")]
     lora_1 = sum(variants.trainable_params("lora", d, k, 1) for d, k in shapes)
-    assert CONFIG["num_hidden_layers"] == 4
     return round((lora_1 - sum(d for d, _ in shapes)) / len(shapes))
 
 
