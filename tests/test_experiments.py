@@ -278,3 +278,39 @@ def test_train_steps_calls_after_step_after_the_optimizer():
                      after_step=lambda step, m: seen.append((step, m.lin.weight.detach().clone(), m.lin.weight.grad)))
     assert [s for s, _, _ in seen] == [0, 1]
     assert not torch.equal(seen[0][1], before) and seen[0][2] is not None     # moved, gradients still there
+
+
+# --------------------------------------------------------------------------- chapter 11
+
+
+def test_choice_run_trains_the_budget_it_counts(shipped_tiny):
+    from lora_ref import budget
+    for targets, r in (("qv", 21), ("mlp", 7), ("all-linear", 4)):
+        out = experiments.choice_run(shipped_tiny, r=r, lr=5e-3, targets=targets, steps=2, batch_size=4)
+        want = budget.lora_param_count(tiny.CONFIG, r, experiments.TARGET_SETS[targets])
+        assert out["trainable"] == want and len(out["loss"]) == 2 and 0 < out["test_loss"] < 10
+    full = experiments.choice_run(shipped_tiny, lr=1e-3, steps=2, batch_size=4)
+    assert full["trainable"] == sum(p.numel() for p in shipped_tiny.parameters())
+    again = experiments.choice_run(shipped_tiny, lr=1e-3, steps=2, batch_size=4)
+    assert again == full                                                      # one seed fixes the run
+
+
+def test_choice_run_scores_facts_on_themselves_and_dates_held_out(shipped_tiny):
+    facts = experiments.choice_run(shipped_tiny, r=4, lr=1e-2, task="facts-16", steps=30, batch_size=16)
+    assert facts["test_loss"] < facts["loss"][0]               # memorised: the scoring pairs are the training pairs
+    assert facts["test_loss"] == pytest.approx(tiny.loss_per_byte(
+        tiny.fine_tune(shipped_tiny, tiny.fact_examples(16), 30, r=4, alpha=16.0, lr=1e-2, warmup=3,
+                       batch_size=16)[0], tiny.fact_examples(16)), rel=1e-6)
+    with pytest.raises(ValueError, match="need r"):
+        experiments.choice_run(shipped_tiny, lr=1e-3, alpha=16, steps=1)
+    with pytest.raises(ValueError, match="n_train must be in"):
+        experiments.choice_run(shipped_tiny, r=4, lr=1e-3, steps=1, n_train=0)
+
+
+def test_first_update_sizes_lora_starts_smaller_and_grows_with_lr(shipped_tiny):
+    sizes = experiments.first_update_sizes(shipped_tiny, [1e-3, 4e-3], r=4, steps=2)
+    full, lora = sizes["full"], sizes["lora"]
+    assert full[0] < full[1] and lora[0] < lora[1]
+    # Adam moves every full entry by about lr a step; LoRA's B starts at 0 and only its r columns move
+    assert all(lo < fu for lo, fu in zip(lora, full))
+    assert full[1] / full[0] == pytest.approx(4, rel=0.25)              # sign steps: size ∝ lr

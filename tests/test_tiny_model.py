@@ -95,6 +95,22 @@ def test_task_is_deterministic_and_splits_are_disjoint():
         tiny.task_examples("valid", 1)
 
 
+def test_fact_examples_are_distinct_deterministic_and_nested():
+    facts = tiny.fact_examples(300, seed=0)
+    assert facts == tiny.fact_examples(300, seed=0) and facts != tiny.fact_examples(300, seed=1)
+    assert len({p for p, _ in facts}) == 300                         # one code per key
+    assert tiny.fact_examples(64) == facts[:64]                      # a bigger task contains every smaller one
+    for prompt, code in facts:
+        key = prompt.removeprefix("code of ").removesuffix(": ")
+        assert len(key) == 5 and key.isalpha() and key.islower() and len(code) == 4 and code.isdigit()
+    # the codes are uniform over 0000..9999: no digit position is predictable from the corpus
+    first = [int(c[0]) for _, c in tiny.fact_examples(5000)]
+    assert max(first.count(d) for d in range(10)) < 600             # 500 each expected, sd 21
+    for bad in (0, -3, 2.0, True, 26 ** 5):
+        with pytest.raises(ValueError, match="n"):
+            tiny.fact_examples(bad)
+
+
 def test_corpus_never_shows_a_held_out_date():
     text = tiny.corpus()
     held_out = {p.removesuffix(" -> ") for p, _ in tiny.task_examples("test", 300, seed=0)}
@@ -176,3 +192,7 @@ def test_fine_tune_trains_a_copy_fully_or_only_lora_factors():
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())   # the base is untouched
     again, run2 = tiny.fine_tune(base, data, steps=2, r=2, batch_size=4, seed=3)
     assert run2["losses"] == run["losses"]                                    # one seed fixes the run
+    dropped, _ = tiny.fine_tune(base, data, steps=1, r=2, dropout=0.3, batch_size=4, seed=3)
+    assert all(layer.lora_dropout.p == 0.3 for layer in lt.lora_modules(dropped).values())
+    with pytest.raises(ValueError, match="dropout=0.1 is LoRA's"):
+        tiny.fine_tune(base, data, steps=1, dropout=0.1)

@@ -16,7 +16,7 @@ Four modules, one job each (as in nanoGPT):
 Every public name is also available here: ``from lora_ref import tiny; tiny.train(...)``.
 """
 
-from .data import TASKS, corpus, corpus_batches, example_batches, make_batch, task_examples
+from .data import TASKS, corpus, corpus_batches, example_batches, fact_examples, make_batch, task_examples
 from .model import CONFIG, EOS, EOS_ID, MODEL_DIR, PAD_ID, build_tiny_llama, decode, encode, load_tiny_llama
 from .runs import RECIPE, Recipe, evaluate, held_out_text, standard_fine_tune, weight_updates
 from .training import (
@@ -33,7 +33,7 @@ from .training import (
 
 __all__ = [
     "MODEL_DIR", "CONFIG", "PAD_ID", "EOS", "EOS_ID", "TASKS",
-    "encode", "decode", "corpus", "corpus_batches", "task_examples", "make_batch", "example_batches",
+    "encode", "decode", "corpus", "corpus_batches", "task_examples", "fact_examples", "make_batch", "example_batches",
     "load_tiny_llama", "build_tiny_llama",
     "loss_per_byte", "text_loss_per_byte", "generate", "exact_match",
     "lr_factor", "adamw", "train_steps", "train", "fine_tune",

@@ -23,7 +23,7 @@ import torch
 
 from .model import EOS, PAD_ID, encode
 
-__all__ = ["TASKS", "corpus", "corpus_batches", "task_examples", "make_batch", "example_batches"]
+__all__ = ["TASKS", "corpus", "corpus_batches", "task_examples", "fact_examples", "make_batch", "example_batches"]
 
 # --------------------------------------------------------------------------- dates and splits
 
@@ -174,6 +174,31 @@ def task_examples(split: str = "train", n: int = 100, seed: int = 0, task: str =
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
     rng = random.Random(f"{task}/{split}/{seed}")
     return [TASKS[task](rng, split) for _ in range(n)]
+
+
+def fact_examples(n: int, seed: int = 0):
+    """``n`` random facts to memorise, a task whose difficulty is its size: distinct keys of five
+    random letters, each with a random four-digit code, ``("code of qzkvb: ", "4821")``.
+
+    Nothing in the corpus or in the key predicts the code, so a model can only store it: each
+    fact carries log2(10^4) = 13.3 bits, and n facts need 13.3 n bits of capacity. The loss is
+    measured on the same n facts (memorisation; there is no held-out split by design). The same
+    ``(n, seed)`` gives the same facts on every machine, and the first n facts of a larger n are
+    the same (a bigger task contains every smaller one).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got n={n!r}")
+    if n > 26 ** 5 // 2:
+        raise ValueError(f"n={n} facts cannot all have distinct five-letter keys (at most {26 ** 5 // 2})")
+    rng = random.Random(f"facts/{seed}")
+    seen, out = set(), []
+    while len(out) < n:
+        key = "".join(rng.choice(_LETTERS) for _ in range(5))
+        code = f"{rng.randrange(10_000):04d}"
+        if key not in seen:
+            seen.add(key)
+            out.append((f"code of {key}: ", code))
+    return out
 
 
 def make_batch(examples, max_len: int | None = None):

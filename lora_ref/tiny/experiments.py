@@ -14,7 +14,10 @@ that math:
 * chapter 10: ``variant_model`` (a PEFT model with PiSSA, MiLoRA, OLoRA, DoRA, VeRA or LoRA-GA),
   ``variant_fine_tune``, ``effective_weight`` and the ``EffectiveWeights`` hook (DoRA's
   Delta M / Delta D), ``first_step_cosines``, and ``adalora_planted_run`` (PEFT's AdaLoRA on layers
-  that need different ranks).
+  that need different ranks);
+* chapter 11: ``choice_run`` (one fine-tune of the hyperparameter sweeps, full or LoRA, with its
+  rank, alpha, targets from ``TARGET_SETS``, dropout, batch size and task, scored) and
+  ``first_update_sizes`` (how far full fine-tuning and LoRA move the weights in their first steps).
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ import torch
 
 from .. import adapter_geometry, gradient_dynamics, low_rank, variants
 from .. import torch as lt
-from .data import example_batches, task_examples
+from .data import example_batches, fact_examples, task_examples
 from .model import load_tiny_llama
 from .runs import RECIPE, evaluate, held_out_text, standard_fine_tune, training_examples, weight_updates
-from .training import adamw, loss_per_byte, text_loss_per_byte, train, train_steps
+from .training import adamw, fine_tune, loss_per_byte, text_loss_per_byte, train, train_steps
 
 __all__ = [
     "FactorNorms", "recorded_fine_tune", "recipe_batch", "weight_gradients", "step_geometry", "loraplus_run",
     "loraplus_sweep", "with_updates", "truncation_scores", "lora_factors", "train_run", "measure_run",
     "fine_tune_and_measure", "VARIANT_NAMES", "peft_lora_layers", "variant_model", "variant_fine_tune",
     "effective_weight", "EffectiveWeights", "first_step_cosines", "adalora_planted_run",
+    "TARGET_SETS", "choice_run", "first_update_sizes",
 ]
 
 
@@ -440,3 +444,70 @@ def adalora_planted_run(needed=(1, 2, 6), width=32, init_r=6, steps=400, lr=2e-2
     run = train_steps(model, batches(), steps, optimizer=adamw(lr), warmup=0, min_lr_frac=1.0, after_step=after_step)
     return {"steps": sorted(ranks), "ranks": ranks, "needed": list(needed), "losses": run["losses"],
             "budget": sum(needed), "scores": scores}
+
+
+# --------------------------------------------------------------------------- chapter 11: choosing hyperparameters
+
+
+# Chapter 11's named target sets for PEFT's target_modules (lora_ref.targets' names and rules).
+TARGET_SETS = {"qv": "qv", "attention": "attention", "mlp": ("gate_proj", "up_proj", "down_proj"),
+               "all-linear": "all-linear"}
+
+
+def _task_pairs(task, n_train=None):
+    """(train pairs, scoring pairs) of a chapter 11 task: "date" or "iso" (the recipe's training
+    pairs, or the first ``n_train`` of them; scored on the recipe's held-out pairs), or
+    "facts-N" (``fact_examples(N)``, scored on the same N facts: memorisation)."""
+    if task.startswith("facts-"):
+        facts = fact_examples(int(task.split("-", 1)[1]))
+        return facts, facts
+    train_pairs = training_examples(task)
+    if n_train is not None:
+        if not 1 <= n_train <= len(train_pairs):
+            raise ValueError(f"n_train must be in 1..{len(train_pairs)}, got n_train={n_train}")
+        train_pairs = train_pairs[:n_train]
+    return train_pairs, task_examples("test", RECIPE.n_test, seed=1, task=task)
+
+
+def choice_run(base=None, *, r=None, lr, alpha=None, rslora=False, targets="all-linear", dropout=0.0,
+               steps=100, batch_size=None, seed=0, task="date", n_train=None):
+    """One fine-tune of chapter 11's sweeps: ``lora_ref.tiny.fine_tune`` of the tiny model, scored.
+
+    r=None is full fine-tuning at ``lr``; r=int is LoRA at rank r with ``alpha`` (default
+    ``RECIPE.lora_alpha``, so s = alpha / r; alpha / sqrt(r) with rslora) on ``targets`` (a key of
+    TARGET_SETS or PEFT's target_modules) with ``dropout`` on the adapter's input. AdamW without
+    weight decay, warm-up over the first tenth of the steps, cosine decay to 0, ``batch_size``
+    pairs a step (default the recipe's 32). task: "date", "iso" or "facts-N" (``_task_pairs``),
+    ``n_train`` the first pairs of the training set only.
+    Returns {"loss": the training loss of each step, "test_loss": the loss per answer byte (nats) on
+    the scoring pairs, "trainable": the number of trained parameters}.
+    """
+    base = load_tiny_llama() if base is None else base
+    train_pairs, score_pairs = _task_pairs(task, n_train)
+    kwargs = {}
+    if r is not None:
+        kwargs = dict(alpha=RECIPE.lora_alpha if alpha is None else alpha, rslora=rslora, dropout=dropout,
+                      target_modules=TARGET_SETS.get(targets, targets))
+    elif alpha is not None or rslora or dropout:
+        raise ValueError("alpha, rslora and dropout are LoRA's: they need r (r=None is full fine-tuning)")
+    model, run = fine_tune(base, train_pairs, steps, r=r, seed=seed, lr=lr, warmup=max(1, round(steps / 10)),
+                           batch_size=RECIPE.batch_size if batch_size is None else batch_size, **kwargs)
+    loss = run["losses"]
+    return {"loss": loss, "test_loss": loss_per_byte(model, score_pairs),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def first_update_sizes(base, lrs, *, r=4, alpha=None, steps=5, seed=0, task="date"):
+    """||W_t - W_0||_F over all adapted layers together after ``steps`` steps of full fine-tuning
+    and of LoRA (rank r, alpha; ΔW = s B A) at each lr of ``lrs``, on the same batches, without
+    warm-up: how far each method moves the weights at the start, per unit of learning rate.
+    Returns {"full": [size at each lr], "lora": [...]}."""
+    out = {"full": [], "lora": []}
+    for method, rank in (("full", None), ("lora", r)):
+        kwargs = {} if rank is None else dict(alpha=RECIPE.lora_alpha if alpha is None else alpha)
+        for lr in lrs:
+            model, _ = fine_tune(base, training_examples(task), steps, r=rank, seed=seed, lr=lr, warmup=0,
+                                 batch_size=RECIPE.batch_size, **kwargs)
+            dw = weight_updates(base, model)                        # {name: ΔW (d, k)}, the same layers
+            out[method].append(float(torch.sqrt(sum((w**2).sum() for w in dw.values()))))
+    return out

@@ -265,22 +265,27 @@ def train(model, examples, steps: int, batch_size: int = 32, lr: float = 5e-3,
 
 
 def fine_tune(model, examples, steps: int, *, r: int | None = None, alpha: float | None = None,
-              target_modules="all-linear", rslora: bool = False, seed: int = 0, **train_kwargs):
+              target_modules="all-linear", rslora: bool = False, dropout: float = 0.0, seed: int = 0,
+              **train_kwargs):
     """A fine-tuned COPY of ``model`` and its run: ``(model, {"losses", "seconds"})``.
 
     r=None: full fine-tuning, every parameter trains.
     r=int:  LoRA (``lora_ref.torch.add_lora``) at rank r with alpha (default 2 r) on
-            ``target_modules``; A is drawn from torch's generator seeded with ``seed``.
+            ``target_modules``, ``dropout`` on the adapter's input (PEFT's ``lora_dropout``);
+            A is drawn from torch's generator seeded with ``seed``.
     The same ``seed`` also orders the batches, so one seed fixes the whole run on one machine.
     """
     from .. import torch as lt
 
+    if r is None and dropout:
+        raise ValueError(f"dropout={dropout} is LoRA's lora_dropout: it needs r (full fine-tuning has no adapter)")
     model = copy.deepcopy(model)
     torch.manual_seed(seed)
     if r is None:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        lt.add_lora(model, target_modules, r=r, alpha=2 * r if alpha is None else alpha, rslora=rslora)
+        lt.add_lora(model, target_modules, r=r, alpha=2 * r if alpha is None else alpha, dropout=dropout,
+                    rslora=rslora)
     run = train(model, examples, steps, seed=seed, **train_kwargs)
     return model, run
