@@ -28,6 +28,7 @@ __all__ = [
     "task_arithmetic_figure", "swap_drift_figure", "multi_adapter_figure",
     "VARIANT_LABELS", "residual_energy_figure", "planted_race_figure", "variant_curves_figure", "md_scatter_figure",
     "first_step_cosine_figure", "adalora_ranks_figure",
+    "lr_ucurves_figure", "capacity_figure", "targets_figure", "alpha_figure", "dropout_figure", "batch_size_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -1123,3 +1124,144 @@ def adalora_ranks_figure(steps_recorded, ranks, needed, budget_total):
                                     f"{budget_total} at the end), planted {list(needed)}"))
     return stepped_figure(steps, "step", active=len(steps) - 1, xaxis=dict(title="layer"),
                           yaxis=dict(title="rank kept (nonzero λ)", range=[0, top]))
+
+
+# --------------------------------------------------------------------------- chapter 11
+
+
+def _band_trace(stats, name, color, dash="solid", xaxis="x", yaxis="y", showlegend=True, x=None, unit="lr"):
+    """A seed-mean curve with error bars from the seed min to max. stats: ``hyperparams.seed_stats``."""
+    xs = list(stats["x"]) if x is None else list(x)
+    mean, lo, hi = stats["mean"], stats["lo"], stats["hi"]
+    return go.Scatter(x=xs, y=mean, name=name, mode="lines+markers", line=dict(color=color, dash=dash),
+                      marker=dict(size=7), xaxis=xaxis, yaxis=yaxis, showlegend=showlegend, legendgroup=name,
+                      error_y=dict(type="data", symmetric=False, array=[h - m for h, m in zip(hi, mean)],
+                                   arrayminus=[m - lo_ for m, lo_ in zip(mean, lo)], thickness=1.2, width=3),
+                      hovertemplate=unit + " %{x:.3g}: %{y:.3f}<extra>" + name + "</extra>")
+
+
+def _finite(values):
+    return [v for v in values if math.isfinite(v) and v > 0]
+
+
+def lr_ucurves_figure(full, lora, optima, ratios, active_r=16):
+    """Held-out loss against the learning rate: full fine-tuning's U-curve and LoRA's at the slider's r, seed
+    means with min-max bars, each optimum marked. full, lora[r]: ``hyperparams.seed_stats``; optima: {"full": lr,
+    r: lr} (of the seed mean); ratios: {r: (median, lo, hi)} of LoRA's optimum over full's, per seed."""
+    values = _finite([v for st in (full, *lora.values()) for v in st["mean"] + st["hi"] + st["lo"]])
+    ymax = max(values)
+    lrs = _finite([x for st in (full, *lora.values()) for x in st["x"]])
+    steps = []
+    for r, st in lora.items():
+        med, lo, hi = ratios[r]
+        traces = [_band_trace(full, "full fine-tuning", COLORS["black"], dash="dot"),
+                  _band_trace(st, "LoRA", COLORS["blue"]),
+                  go.Scatter(x=[optima["full"], optima[r]], y=[ymax * 1.02, ymax * 1.02], mode="markers+text",
+                             marker=dict(symbol="triangle-down", size=13, color=[COLORS["black"], COLORS["blue"]]),
+                             text=["full", "LoRA"], textposition="top center", name="optima (seed mean)",
+                             hovertemplate="optimum at lr %{x:.3g}<extra></extra>")]
+        title = (f"r = {r}: LoRA's best lr {optima[r]:.2g} is {med:.1f}× full fine-tuning's {optima['full']:.2g} "
+                 f"(per seed {lo:.1f}× to {hi:.1f}×)")
+        steps.append((r, traces, title))
+    return stepped_figure(steps, "r", active=list(lora).index(active_r),
+                          xaxis=log_axis("peak learning rate (log scale)", lrs),
+                          yaxis=log_axis("held-out loss (nats per answer byte, log)", values + [ymax * 1.15], pad=0.05))
+
+
+def capacity_figure(tasks, ranks, lora, full, active=0):
+    """Loss against r for LoRA (best lr per r) with full fine-tuning as a line, one slider step per task.
+    lora[task]: ``seed_stats`` over r; full[task]: (mean, lo, hi)."""
+    values = _finite([v for t in tasks for v in lora[t]["mean"] + lora[t]["hi"] + list(full[t])])
+    steps = []
+    for task in tasks:
+        fm, flo, fhi = full[task]
+        traces = [_band_trace(lora[task], "LoRA at its best lr", COLORS["blue"], unit="r"),
+                  go.Scatter(x=[min(ranks), max(ranks)], y=[fm, fm], mode="lines", name="full fine-tuning",
+                             line=dict(color=COLORS["black"], dash="dot"),
+                             hovertemplate=f"full fine-tuning: {fm:.3f} (seeds {flo:.3f} to {fhi:.3f})<extra></extra>")]
+        gap = lora[task]["mean"][-1] / fm
+        title = f"{task}: full fine-tuning reaches {fm:.3g}; LoRA at r = {ranks[-1]} ends {gap:.2g}× that"
+        steps.append((task, traces, title))
+    return stepped_figure(steps, "task", active=active,
+                          xaxis=dict(log_axis("rank r (log scale)", list(ranks)), dtick=math.log10(2) * 2),
+                          yaxis=log_axis("loss per answer byte (nats, log)", values))
+
+
+def targets_figure(names, params, panels):
+    """Held-out loss of each target set at about one parameter budget, one bar panel per task, seed means with
+    min-max bars. names: labels; params: trainable numbers of each; panels: {panel title: [(mean, lo, hi)]}."""
+    fig = go.Figure()
+    n = len(panels)
+    width = 1.0 / n
+    labels = [f"{name}<br>{p:,}" for name, p in zip(names, params)]
+    layout = {}
+    for j, (title, rows) in enumerate(panels.items()):
+        suffix = "" if j == 0 else str(j + 1)
+        mean = [m for m, _, _ in rows]
+        fig.add_trace(go.Bar(x=labels, y=mean, name=title, marker=dict(color=PALETTE[j]), xaxis=f"x{suffix}",
+                             yaxis=f"y{suffix}", showlegend=False,
+                             error_y=dict(type="data", symmetric=False, array=[h - m for m, _, h in rows],
+                                          arrayminus=[m - lo for m, lo, _ in rows]),
+                             hovertemplate="%{x}: %{y:.3f}<extra>" + title + "</extra>"))
+        layout[f"xaxis{suffix}"] = dict(title=title, domain=[j * width + 0.07, (j + 1) * width - 0.02],
+                                        anchor=f"y{suffix}")
+        layout[f"yaxis{suffix}"] = dict(title="loss per answer byte (nats)" if j == 0 else None, anchor=f"x{suffix}",
+                                        rangemode="tozero")
+    fig.update_layout(title_text="LoRA on four target sets at about one budget (target set, trainable numbers)",
+                      **layout)
+    return themed(fig, height=460)
+
+
+def alpha_figure(alphas, by_r, conventions, lr):
+    """Held-out loss against alpha at a fixed lr for each r (s = alpha / r), with practitioners' conventions
+    marked. by_r: {r: ``seed_stats`` over alpha}; conventions: {r: {label: alpha}} (alpha under s = alpha / r)."""
+    colors = [COLORS["blue"], COLORS["orange"], COLORS["green"]]
+    values = _finite([v for st in by_r.values() for v in st["mean"] + st["hi"] + st["lo"]])
+    fig = go.Figure()
+    symbols = ["diamond", "square", "star", "x"]
+    for i, (r, st) in enumerate(by_r.items()):
+        fig.add_trace(_band_trace(st, f"r = {r}", colors[i % 3], unit="α"))
+        for j, (label, a) in enumerate(conventions[r].items()):
+            y = st["mean"][list(st["x"]).index(a)]
+            fig.add_trace(go.Scatter(x=[a], y=[y], mode="markers", name=label, legendgroup=label, showlegend=i == 0,
+                                     marker=dict(symbol=symbols[j % 4], size=13, color=colors[i % 3],
+                                                 line=dict(width=1.5, color=COLORS["black"])),
+                                     hovertemplate=f"r = {r}, {label}: α %{{x:g}}, %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(title_text=f"Held-out loss against α at lr {lr:g} (s = α / r), conventions marked",
+                      xaxis=dict(log_axis("α (log scale)", list(next(iter(by_r.values()))["x"])), dtick=math.log10(2) * 2),
+                      yaxis=log_axis("held-out loss (nats per answer byte, log)", values))
+    return themed(fig, height=480)
+
+
+def dropout_figure(rates, panels):
+    """Held-out loss against the lora_dropout rate rho, one panel per run length. panels: {title: ``seed_stats``
+    over rho}."""
+    fig = go.Figure()
+    n = len(panels)
+    width = 1.0 / n
+    layout = {}
+    for j, (title, st) in enumerate(panels.items()):
+        suffix = "" if j == 0 else str(j + 1)
+        fig.add_trace(_band_trace(st, title, PALETTE[j], xaxis=f"x{suffix}", yaxis=f"y{suffix}", showlegend=False,
+                                  unit="ρ"))
+        lo, hi = min(st["lo"]), max(st["hi"])
+        pad = 0.15 * (hi - lo) or 0.01
+        layout[f"xaxis{suffix}"] = dict(title=f"dropout rate ρ, {title}", domain=[j * width + 0.07, (j + 1) * width - 0.02],
+                                        anchor=f"y{suffix}", tickvals=list(rates))
+        layout[f"yaxis{suffix}"] = dict(title="held-out loss (nats per answer byte)" if j == 0 else None,
+                                        anchor=f"x{suffix}", range=[lo - pad, hi + pad])
+    fig.update_layout(title_text="Held-out loss against lora_dropout's rate ρ, LoRA at r = 16 (seed means, min-max bars)",
+                      **layout)
+    return themed(fig, height=440)
+
+
+def batch_size_figure(batch_sizes, full, lora, examples):
+    """Held-out loss at each method's best lr against the batch size, at a fixed number of training examples.
+    full, lora: ``seed_stats`` over the batch size."""
+    values = _finite([v for st in (full, lora) for v in st["mean"] + st["hi"] + st["lo"]])
+    fig = go.Figure([_band_trace(full, "full fine-tuning", COLORS["black"], dash="dot", unit="batch"),
+                     _band_trace(lora, "LoRA, r = 16", COLORS["blue"], unit="batch")])
+    fig.update_layout(title_text=f"{examples:,} training examples at each batch size, each method at its best lr",
+                      xaxis=dict(log_axis("batch size (log scale)", list(batch_sizes)), dtick=math.log10(2) * 2),
+                      yaxis=log_axis("held-out loss (nats per answer byte, log)", values))
+    return themed(fig, height=440)

@@ -196,3 +196,55 @@ def test_residual_energy_and_cosine_figures_label_their_axes():
     assert fig.layout.yaxis.title.text and fig.layout.xaxis.title.text and len(fig.data) == 2
     fig = figures.first_step_cosine_figure({"lora": [0.1, 0.2], "loraga": [0.9, 1.0]})
     assert [t.name for t in fig.data] == ["LoRA", "LoRA-GA"] and fig.layout.yaxis.title.text
+
+
+# --------------------------------------------------------------------------- chapter 11
+
+
+def _stats(xs, mean):
+    return {"x": list(xs), "mean": list(mean), "lo": [m * 0.9 for m in mean], "hi": [m * 1.1 for m in mean]}
+
+
+def test_lr_ucurves_figure_has_a_step_per_rank_and_states_the_ratio():
+    full = _stats([1e-4, 1e-3, 1e-2], [0.9, 0.2, 0.8])
+    lora = {1: _stats([1e-3, 1e-2, 1e-1], [0.8, 0.3, 2.0]), 16: _stats([1e-3, 1e-2, 1e-1], [0.7, 0.25, 2.1])}
+    fig = figures.lr_ucurves_figure(full, lora, {"full": 1e-3, 1: 9e-3, 16: 8e-3}, {1: (9.0, 7.0, 11.0), 16: (8.0, 6.0, 9.5)})
+    _check_slider(fig, 2, 3)
+    assert fig.layout.sliders[0].active == 1
+    assert "r = 16: LoRA's best lr 0.008 is 8.0× full fine-tuning's 0.001 (per seed 6.0× to 9.5×)" in fig.layout.title.text
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    band = fig.data[4]                                          # LoRA at r = 16: bars from the seed min to max
+    assert list(band.error_y.array) == pytest.approx([0.07, 0.025, 0.21])
+    assert list(band.error_y.arrayminus) == pytest.approx([0.07, 0.025, 0.21])
+
+
+def test_lr_ucurves_figure_axis_range_ignores_diverged_runs():
+    full = _stats([1e-3, 1e-2], [0.5, math.inf])
+    fig = figures.lr_ucurves_figure(full, {4: _stats([1e-3, 1e-2], [0.4, 0.3])}, {"full": 1e-3, 4: 1e-2},
+                                    {4: (10.0, 10.0, 10.0)}, active_r=4)
+    assert all(math.isfinite(v) for v in fig.layout.yaxis.range)
+
+
+def test_capacity_figure_has_a_step_per_task_and_a_full_finetuning_line():
+    lora = {t: _stats([1, 4, 16], [0.5, 0.3, 0.2]) for t in ("facts-64", "facts-512")}
+    full = {"facts-64": (0.01, 0.009, 0.011), "facts-512": (0.5, 0.4, 0.6)}
+    fig = figures.capacity_figure(["facts-64", "facts-512"], [1, 4, 16], lora, full, active=1)
+    _check_slider(fig, 2, 2)
+    assert list(fig.data[3].y) == [0.5, 0.5] and fig.data[3].name == "full fine-tuning"
+    assert "facts-512: full fine-tuning reaches 0.5; LoRA at r = 16 ends 0.4× that" == fig.layout.title.text
+
+
+def test_targets_dropout_alpha_and_batch_figures_draw_every_series():
+    fig = figures.targets_figure(["qv", "mlp"], [100, 120], {"a": [(1.0, 0.9, 1.1), (2.0, 1.5, 2.5)],
+                                                            "b": [(0.5, 0.4, 0.6), (0.7, 0.6, 0.8)]})
+    assert [t.xaxis for t in fig.data] == ["x", "x2"] and list(fig.data[0].x) == ["qv<br>100", "mlp<br>120"]
+    fig = figures.dropout_figure([0.0, 0.3], {"short": _stats([0.0, 0.3], [0.4, 0.5]), "long": _stats([0.0, 0.3], [0.3, 0.1])})
+    assert len(fig.data) == 2 and "ρ" in fig.layout.xaxis.title.text and fig.layout.yaxis2.range[0] < 0.1 * 0.9
+    conventions = {4: {"α = 2r": 8.0, "α = 16": 16.0}, 64: {"α = 2r": 128.0, "α = 16": 16.0}}
+    by_r = {4: _stats([8.0, 16.0, 128.0], [0.5, 0.4, 0.6]), 64: _stats([8.0, 16.0, 128.0], [0.5, 0.3, 0.45])}
+    fig = figures.alpha_figure([8.0, 16.0, 128.0], by_r, conventions, 5e-3)
+    marks = [t for t in fig.data if t.mode == "markers"]
+    assert [(t.x[0], t.y[0]) for t in marks] == [(8.0, 0.5), (16.0, 0.4), (128.0, 0.45), (16.0, 0.3)]
+    assert [t.showlegend for t in marks] == [True, True, False, False]        # one legend entry per convention
+    fig = figures.batch_size_figure([8, 32], _stats([8, 32], [0.1, 0.2]), _stats([8, 32], [0.2, 0.3]), 3200)
+    assert [t.name for t in fig.data] == ["full fine-tuning", "LoRA, r = 16"] and "3,200" in fig.layout.title.text
