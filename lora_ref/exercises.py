@@ -54,6 +54,10 @@ __all__ = [
     "ch10_conversion_config",
     "ch10_vera_rank_for_lora_budget",
     "ch10_stuck_error",
+    "ch11_predicted_lr",
+    "ch11_dropout_variance",
+    "ch11_equal_scale_rank",
+    "ch11_equal_budget_rank",
 ]
 
 
@@ -570,4 +574,58 @@ def ch10_stuck_error(answer, sigma=(4.0, 3.0, 2.0, 1.0), r=1, planted=0.5):
         "(4 significant figures)", answer, expected, sig_figs=4,
         hint="at PiSSA's init the residual is the planted term alone; compute dL/dB = s R A^T and dL/dA = s B^T R "
         "with A's rows and B's columns in the top-r directions.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 11
+
+
+def ch11_predicted_lr(answer, lr=5e-3, r=16, alpha=16.0, r_new=64, alpha_new=128.0, rslora=False, rslora_new=False):
+    """The learning rate at (r_new, alpha_new) that keeps the first-step size lr s r of a tuned (lr, r, alpha)."""
+    from . import hyperparams
+
+    expected = hyperparams.predicted_lr(lr, r, alpha, r_new, alpha_new, rslora, rslora_new)
+    return check(
+        f"the lr predicted at r = {r_new}, alpha = {alpha_new:g} from lr {lr:g} at r = {r}, alpha = {alpha:g} "
+        "(3 significant figures)", answer, expected, sig_figs=3,
+        hint="from B = 0 an Adam step moves each entry of B by about lr, and Delta W = s B A adds r such rows: "
+        "the first step's size is about lr s r. Keep lr s r fixed and solve for the new lr.",
+    )
+
+
+def ch11_dropout_variance(answer, delta_W=((1.0, 2.0, 0.0), (0.0, 1.0, -1.0)), x=(1.0, -2.0, 3.0), dropout=0.2):
+    """tr Cov[Delta W drop(x)] over the dropout mask: the total variance dropout adds to the adapter's output."""
+    from . import hyperparams
+
+    expected = float(np.trace(hyperparams.dropout_moments(x, delta_W, dropout)[1]))
+    return check(
+        f"tr Cov[ΔW drop(x)] at dropout rate {dropout:g} (4 significant figures)", answer, expected, sig_figs=4,
+        hint="drop(x)_j = xi_j x_j / (1 - rho) with xi_j ~ Bernoulli(1 - rho) independent: each coordinate has "
+        "variance rho / (1 - rho) x_j^2, and column j of Delta W carries it to the output with ||Delta W[:, j]||^2.",
+    )
+
+
+def ch11_equal_scale_rank(answer, c=2.0, alpha=16.0):
+    """The rank at which the convention alpha = c r (s = alpha / r) and rsLoRA at a fixed alpha have the same s."""
+    expected = (alpha / c) ** 2                                   # c = alpha / sqrt(r)
+    return check(
+        f"the rank r at which alpha = {c:g} r under s = alpha / r equals rsLoRA's alpha = {alpha:g} (exact)", answer,
+        expected, rtol=1e-9,
+        hint="alpha = c r under s = alpha / r gives s = c at every r; rsLoRA gives s = alpha / sqrt(r). "
+        "Set them equal and solve for r.",
+    )
+
+
+def ch11_equal_budget_rank(answer, model="llama-3.1-8b", targets="qv", reference="all-linear", r_reference=4):
+    """The rank at which LoRA on ``targets`` trains the nearest number of parameters to ``reference`` at
+    ``r_reference`` (ties to the smaller rank)."""
+    from . import hyperparams
+
+    expected = hyperparams.equal_budget_ranks(budget.load_config(model), {targets: targets}, reference,
+                                              r_reference)[targets]["r"]
+    return check(
+        f"the rank on {targets} with the budget of {reference} at r = {r_reference} in {model} (an exact integer)",
+        answer, expected, rtol=0,
+        hint="LoRA trains r (d + k) numbers per adapted (d, k) layer, the same in every decoder layer: divide "
+        "the reference's per-rank sum of d + k, times its rank, by the targets' and round to the nearest integer.",
     )

@@ -108,6 +108,18 @@ CASES = [
     # PiSSA's factors span e_1; the residual 0.5 e_4 e_4^T is orthogonal: nothing moves
     ("ch10_stuck_error", lambda a: ex.ch10_stuck_error(a, sigma=(4.0, 3.0, 2.0, 1.0), r=1, planted=0.5),
      0.5, [0.5, 0.50001], [0.0, 0.4999, 0.25]),
+    # chapter 11: s r goes from 16 / 16 * 16 = 16 to 128 / 64 * 64 = 128, so lr / 8
+    ("ch11_predicted_lr", lambda a: ex.ch11_predicted_lr(a, lr=5e-3, r=16, alpha=16.0, r_new=64, alpha_new=128.0),
+     5e-3 / 8, [6.25e-4, 0.000625], [6.26e-4, 5e-3 / 4, 4e-2]),
+    # columns (1, 0), (2, 1), (0, -1) against x^2 = 1, 4, 9: 1 + 20 + 9 = 30, times 0.2 / 0.8
+    ("ch11_dropout_variance", lambda a: ex.ch11_dropout_variance(a, delta_W=((1.0, 2.0, 0.0), (0.0, 1.0, -1.0)),
+                                                                  x=(1.0, -2.0, 3.0), dropout=0.2),
+     7.5, [7.5, 7.5001], [7.502, 6.0, 30.0]),
+    # 2 = 16 / sqrt(r)
+    ("ch11_equal_scale_rank", lambda a: ex.ch11_equal_scale_rank(a, c=2.0, alpha=16.0), 64, [64, 64.0], [8, 63, 128]),
+    # all-linear: 81,920 per rank in one layer, qv: 8192 + 5120 = 13,312; 4 * 81920 / 13312 = 24.6
+    ("ch11_equal_budget_rank", lambda a: ex.ch11_equal_budget_rank(a, model="llama-3.1-8b", targets="qv"),
+     25, [25], [24, 26, 4]),
 ]
 IDS = [c[0] for c in CASES]
 CHECKERS = {c[0]: c[1] for c in CASES}
