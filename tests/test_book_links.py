@@ -14,7 +14,7 @@ BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+
 MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral",
            "lora_ref.initialization", "lora_ref.rank_scaling", "lora_ref.adapter_geometry",
            "lora_ref.gradient_dynamics", "lora_ref.low_rank", "lora_ref.adapters", "lora_ref.serving",
-           "lora_ref.variants"]
+           "lora_ref.variants", "lora_ref.hyperparams"]
 
 # The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
 REQUIRED = {
@@ -86,6 +86,13 @@ REQUIRED = {
     "lora_ref.variants.init_race": "prop-ch10-saddle",
     "lora_ref.variants.magnitude_direction_change": "eq-ch10-md",
     "lora_ref.variants.adalora_triplet_scores": "eq-ch10-adalora-score",
+    "lora_ref.hyperparams.dropout_moments": "eq-ch11-dropout-moments",
+    "lora_ref.hyperparams.dropout_penalty": "eq-ch11-dropout-penalty",
+    "lora_ref.hyperparams.dropout_b_grad_noise": "eq-ch11-dropout-grad",
+    "lora_ref.hyperparams.step_size": "eq-ch11-step-size",
+    "lora_ref.hyperparams.predicted_lr": "eq-ch11-predicted-lr",
+    "lora_ref.hyperparams.lr_optimum": "eq-ch11-lr-optimum",
+    "lora_ref.hyperparams.equal_budget_ranks": "eq-ch11-equal-budget",
 }
 
 
