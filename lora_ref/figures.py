@@ -1146,26 +1146,27 @@ def _finite(values):
 
 def lr_ucurves_figure(full, lora, optima, ratios, active_r=16):
     """Held-out loss against the learning rate: full fine-tuning's U-curve and LoRA's at the slider's r, seed
-    means with min-max bars, each optimum marked. full, lora[r]: ``hyperparams.seed_stats``; optima: {"full": lr,
-    r: lr} (of the seed mean); ratios: {r: (median, lo, hi)} of LoRA's optimum over full's, per seed."""
+    means with min-max bars, each optimum marked along the bottom. full, lora[r]: ``hyperparams.seed_stats``;
+    optima: {"full": lr, r: lr} (of the seed mean); ratios: {r: (median, lo, hi)} of LoRA's optimum over full's,
+    seed by seed."""
     values = _finite([v for st in (full, *lora.values()) for v in st["mean"] + st["hi"] + st["lo"]])
-    ymax = max(values)
+    ymin = min(values)
     lrs = _finite([x for st in (full, *lora.values()) for x in st["x"]])
     steps = []
     for r, st in lora.items():
-        med, lo, hi = ratios[r]
+        _, lo, hi = ratios[r]
         traces = [_band_trace(full, "full fine-tuning", COLORS["black"], dash="dot"),
                   _band_trace(st, "LoRA", COLORS["blue"]),
-                  go.Scatter(x=[optima["full"], optima[r]], y=[ymax * 1.02, ymax * 1.02], mode="markers+text",
-                             marker=dict(symbol="triangle-down", size=13, color=[COLORS["black"], COLORS["blue"]]),
+                  go.Scatter(x=[optima["full"], optima[r]], y=[ymin * 0.8, ymin * 0.8], mode="markers+text",
+                             marker=dict(symbol="triangle-up", size=13, color=[COLORS["black"], COLORS["blue"]]),
                              text=["full", "LoRA"], textposition="top center", name="optima (seed mean)",
                              hovertemplate="optimum at lr %{x:.3g}<extra></extra>")]
-        title = (f"r = {r}: LoRA's best lr {optima[r]:.2g} is {med:.1f}× full fine-tuning's {optima['full']:.2g} "
-                 f"(per seed {lo:.1f}× to {hi:.1f}×)")
+        title = (f"r = {r}: LoRA's best lr {optima[r]:.2g} is {optima[r] / optima['full']:.1f}× full fine-tuning's "
+                 f"{optima['full']:.2g} (seed by seed {lo:.1f}× to {hi:.1f}×)")
         steps.append((r, traces, title))
     return stepped_figure(steps, "r", active=list(lora).index(active_r),
                           xaxis=log_axis("peak learning rate (log scale)", lrs),
-                          yaxis=log_axis("held-out loss (nats per answer byte, log)", values + [ymax * 1.15], pad=0.05))
+                          yaxis=log_axis("held-out loss (nats per answer byte, log)", values + [ymin * 0.6], pad=0.05))
 
 
 def capacity_figure(tasks, ranks, lora, full, active=0):
@@ -1204,7 +1205,7 @@ def targets_figure(names, params, panels):
                                           arrayminus=[m - lo for m, lo, _ in rows]),
                              hovertemplate="%{x}: %{y:.3f}<extra>" + title + "</extra>"))
         layout[f"xaxis{suffix}"] = dict(title=title, domain=[j * width + 0.07, (j + 1) * width - 0.02],
-                                        anchor=f"y{suffix}")
+                                        anchor=f"y{suffix}", tickangle=0, tickfont=dict(size=11))
         layout[f"yaxis{suffix}"] = dict(title="loss per answer byte (nats)" if j == 0 else None, anchor=f"x{suffix}",
                                         rangemode="tozero")
     fig.update_layout(title_text="LoRA on four target sets at about one budget (target set, trainable numbers)",
@@ -1221,6 +1222,7 @@ def alpha_figure(alphas, by_r, conventions, lr):
     symbols = ["diamond", "square", "star", "x"]
     for i, (r, st) in enumerate(by_r.items()):
         fig.add_trace(_band_trace(st, f"r = {r}", colors[i % 3], unit="α"))
+    for i, (r, st) in enumerate(by_r.items()):
         for j, (label, a) in enumerate(conventions[r].items()):
             y = st["mean"][list(st["x"]).index(a)]
             fig.add_trace(go.Scatter(x=[a], y=[y], mode="markers", name=label, legendgroup=label, showlegend=i == 0,
@@ -1229,7 +1231,7 @@ def alpha_figure(alphas, by_r, conventions, lr):
                                      hovertemplate=f"r = {r}, {label}: α %{{x:g}}, %{{y:.3f}}<extra></extra>"))
     fig.update_layout(title_text=f"Held-out loss against α at lr {lr:g} (s = α / r), conventions marked",
                       xaxis=dict(log_axis("α (log scale)", list(next(iter(by_r.values()))["x"])), dtick=math.log10(2) * 2),
-                      yaxis=log_axis("held-out loss (nats per answer byte, log)", values))
+                      yaxis=dict(title="held-out loss (nats per answer byte)", range=[0, 1.05 * max(values)]))
     return themed(fig, height=480)
 
 
@@ -1262,6 +1264,7 @@ def batch_size_figure(batch_sizes, full, lora, examples):
     fig = go.Figure([_band_trace(full, "full fine-tuning", COLORS["black"], dash="dot", unit="batch"),
                      _band_trace(lora, "LoRA, r = 16", COLORS["blue"], unit="batch")])
     fig.update_layout(title_text=f"{examples:,} training examples at each batch size, each method at its best lr",
-                      xaxis=dict(log_axis("batch size (log scale)", list(batch_sizes)), dtick=math.log10(2) * 2),
+                      xaxis=dict(log_axis("batch size (log scale)", list(batch_sizes)), tickmode="array",
+                                 tickvals=list(batch_sizes), ticktext=[str(b) for b in batch_sizes]),
                       yaxis=log_axis("held-out loss (nats per answer byte, log)", values))
     return themed(fig, height=440)

@@ -211,7 +211,7 @@ def test_lr_ucurves_figure_has_a_step_per_rank_and_states_the_ratio():
     fig = figures.lr_ucurves_figure(full, lora, {"full": 1e-3, 1: 9e-3, 16: 8e-3}, {1: (9.0, 7.0, 11.0), 16: (8.0, 6.0, 9.5)})
     _check_slider(fig, 2, 3)
     assert fig.layout.sliders[0].active == 1
-    assert "r = 16: LoRA's best lr 0.008 is 8.0× full fine-tuning's 0.001 (per seed 6.0× to 9.5×)" in fig.layout.title.text
+    assert "r = 16: LoRA's best lr 0.008 is 8.0× full fine-tuning's 0.001 (seed by seed 6.0× to 9.5×)" in fig.layout.title.text
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     band = fig.data[4]                                          # LoRA at r = 16: bars from the seed min to max
     assert list(band.error_y.array) == pytest.approx([0.07, 0.025, 0.21])
