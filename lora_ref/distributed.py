@@ -340,7 +340,7 @@ def _train(strategy, *, rank, world_size, local_rank, steps, seed, backend, r, a
         model, prepared = accelerator.prepare(model, make_optimizer(model))
         if world_size > 1:
             model.register_comm_hook(None, _ddp_counting_hook(counter, names))
-        make_optimizer = lambda _model: prepared                # noqa: E731  (prepared above)
+        make_optimizer = lambda _model: prepared                # the optimizer prepared above
 
     examples = task_examples("train", RECIPE.n_train, seed=0)
     batches = example_batches(examples, batch_size, seed, collate=_shard_collate(rank, world_size, device))

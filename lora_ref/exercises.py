@@ -58,6 +58,10 @@ __all__ = [
     "ch11_dropout_variance",
     "ch11_equal_scale_rank",
     "ch11_equal_budget_rank",
+    "ch12_ddp_bytes",
+    "ch12_ring_bytes",
+    "ch12_fsdp_gather_bytes",
+    "ch12_gpus_needed",
 ]
 
 
@@ -628,4 +632,63 @@ def ch11_equal_budget_rank(answer, model="llama-3.1-8b", targets="qv", reference
         answer, expected, rtol=0,
         hint="LoRA trains r (d + k) numbers per adapted (d, k) layer, the same in every decoder layer: divide "
         "the reference's per-rank sum of d + k, times its rank, by the targets' and round to the nearest integer.",
+    )
+
+
+# --------------------------------------------------------------------------- chapter 12
+
+
+def ch12_ddp_bytes(answer, model="llama-3.1-8b", r=16, target_modules="all-linear", bytes_per_grad=4):
+    """The bytes DDP all-reduces per step for LoRA at rank r on ``target_modules`` of ``model``."""
+    from . import parallelism
+
+    expected = parallelism.ddp_grad_bytes(budget.lora_param_count(budget.load_config(model), r, target_modules),
+                                          bytes_per_grad)
+    return check(
+        f"the gradient bytes DDP all-reduces per step, LoRA r = {r} on {target_modules} of {model}, "
+        f"{bytes_per_grad} bytes per gradient (exact)", answer, expected, rtol=0,
+        hint="only trainable parameters have gradients, and DDP all-reduces each once per step: count the LoRA "
+        "parameters, r (d + k) per adapted (d, k) layer in every decoder layer, and multiply by the bytes per gradient.",
+    )
+
+
+def ch12_ring_bytes(answer, n_bytes=167_772_160, world_size=8):
+    """The bytes each rank sends in a ring all-reduce of n_bytes over world_size ranks."""
+    from . import parallelism
+
+    expected = parallelism.ring_allreduce_bytes(n_bytes, world_size)
+    return check(
+        f"bytes sent per rank in a ring all-reduce of {n_bytes:,} bytes over {world_size} ranks (exact)", answer,
+        expected, rtol=1e-12,
+        hint="cut the buffer into W chunks. A reduce-scatter takes W - 1 steps, each rank sending one chunk per "
+        "step; an all-gather of the reduced chunks takes W - 1 more.",
+    )
+
+
+def ch12_fsdp_gather_bytes(answer, r=8, bytes_per_param=4):
+    """The bytes FSDP2 all-gathers per step on the tiny model with LoRA at rank r on every linear layer,
+    one unit per decoder layer plus the root, resharded after the forward."""
+    from . import parallelism
+    from .tiny.model import CONFIG
+
+    u = parallelism.fsdp_units(CONFIG, r)
+    expected = parallelism.fsdp_gather_bytes(u["layer"], u["n_layers"], u["root"], bytes_per_param)
+    return check(
+        f"the parameter bytes FSDP gathers per step on the tiny model, LoRA r = {r} on every linear layer (exact)",
+        answer, expected, rtol=0,
+        hint="the forward gathers every unit once; the backward gathers each decoder layer again (it was resharded "
+        "after its forward), but not the root unit. Frozen weights are gathered as well as the LoRA factors.",
+    )
+
+
+def ch12_gpus_needed(answer, model="llama-3.1-70b", strategy="FSDP + QLoRA", gpu_gb=24.0, r=16):
+    """The fewest GPUs of gpu_gb GB on which ``strategy`` fits ``model`` (static memory, no activations)."""
+    from . import parallelism
+
+    expected = parallelism.gpus_needed(budget.load_config(model), strategy, gpu_gb * 1e9, r)
+    return check(
+        f"the GPUs of {gpu_gb:g} GB that {strategy} needs for {model} at r = {r} (an exact integer)", answer,
+        expected, rtol=0,
+        hint="a sharded run keeps 1/W of the whole training state per GPU, plus the gathered decoder layer and the "
+        "next one: find the smallest W for which M / W + 2 b N_layer fits.",
     )

@@ -29,6 +29,7 @@ __all__ = [
     "VARIANT_LABELS", "residual_energy_figure", "planted_race_figure", "variant_curves_figure", "md_scatter_figure",
     "first_step_cosine_figure", "adalora_ranks_figure",
     "lr_ucurves_figure", "capacity_figure", "targets_figure", "alpha_figure", "dropout_figure", "batch_size_figure",
+    "comm_bytes_figure", "gpus_memory_figure", "step_time_figure",
 ]
 
 # One palette for the whole book (colour-blind safe: Okabe & Ito 2008).
@@ -1268,3 +1269,75 @@ def batch_size_figure(batch_sizes, full, lora, examples):
                                  tickvals=list(batch_sizes), ticktext=[str(b) for b in batch_sizes]),
                       yaxis=log_axis("held-out loss (nats per answer byte, log)", values))
     return themed(fig, height=440)
+
+
+# --------------------------------------------------------------------------- chapter 12
+
+
+def comm_bytes_figure(r_values, per_model, active=0):
+    """Bytes per GPU per step against r: DDP's gradient all-reduce for LoRA and for full fine-tuning, and
+    FSDP's parameter all-gather with LoRA; the slider picks the model.
+    per_model: {model: {"ddp_lora": [bytes per r], "ddp_full": bytes, "fsdp_lora": [bytes per r]}}."""
+    steps, everything = [], []
+    for name, series in per_model.items():
+        full = [series["ddp_full"]] * len(r_values)
+        everything += series["ddp_lora"] + full + series["fsdp_lora"]
+        traces = [
+            go.Scatter(x=list(r_values), y=full, name="DDP, full fine-tuning: all gradients", mode="lines",
+                       line=dict(color=COLORS["red"], dash="dot"), hovertemplate="r = %{x}: %{y:.3s}B<extra>full</extra>"),
+            go.Scatter(x=list(r_values), y=series["fsdp_lora"], name="FSDP + LoRA: parameters gathered",
+                       mode="lines+markers", line=dict(color=COLORS["orange"]),
+                       hovertemplate="r = %{x}: %{y:.3s}B<extra>FSDP gather</extra>"),
+            go.Scatter(x=list(r_values), y=series["ddp_lora"], name="DDP + LoRA: LoRA gradients", mode="lines+markers",
+                       line=dict(color=COLORS["blue"]), hovertemplate="r = %{x}: %{y:.3s}B<extra>DDP LoRA</extra>"),
+        ]
+        i16 = list(r_values).index(16) if 16 in r_values else 0
+        steps.append((name, traces, f"{name}: at r = {r_values[i16]}, DDP + LoRA all-reduces "
+                                    f"{series['ddp_full'] / series['ddp_lora'][i16]:.0f} times fewer bytes than full "
+                                    f"fine-tuning; FSDP still gathers {series['fsdp_lora'][i16] / 1e9:.1f} GB a step"))
+    return stepped_figure(steps, "model", active=active,
+                          xaxis=dict(log_axis("LoRA rank r (log scale)", list(r_values)), tickmode="array",
+                                     tickvals=list(r_values), ticktext=[str(r) for r in r_values]),
+                          yaxis=log_axis("bytes per GPU per step (log scale)", everything))
+
+
+def gpus_memory_figure(worlds, per_model, gpu_gb=(80, 24), active=0):
+    """Static memory per GPU (no activations) against the number of GPUs W, one line per strategy, with the
+    capacity of each GPU in ``gpu_gb`` as a horizontal line; the slider picks the model.
+    per_model: {model: {strategy: [GB per W]}}."""
+    colors = {"DDP + LoRA": COLORS["red"], "FSDP + LoRA": COLORS["blue"], "FSDP + QLoRA": COLORS["green"]}
+    steps, everything = [], list(gpu_gb)
+    for name, series in per_model.items():
+        traces = [go.Scatter(x=list(worlds), y=gb, name=strategy, mode="lines+markers", line=dict(color=colors[strategy]),
+                             hovertemplate="W = %{x}: %{y:.1f} GB per GPU<extra>" + strategy + "</extra>")
+                  for strategy, gb in series.items()]
+        traces += [go.Scatter(x=[worlds[0], worlds[-1]], y=[g, g], name=f"{g} GB GPU", mode="lines",
+                              line=dict(color=COLORS["black"], dash="dash" if i == 0 else "dot", width=1),
+                              hovertemplate=f"{g} GB<extra></extra>") for i, g in enumerate(gpu_gb)]
+        everything += [v for gb in series.values() for v in gb]
+        fits = {s: next((w for w, v in zip(worlds, gb) if v <= gpu_gb[0]), None) for s, gb in series.items()}
+        said = ", ".join(f"{s} {'never' if w is None else w}" for s, w in fits.items())
+        steps.append((name, traces, f"{name} on {gpu_gb[0]} GB GPUs, GPUs needed: {said}"))
+    return stepped_figure(steps, "model", active=active,
+                          xaxis=dict(log_axis("GPUs W (log scale)", list(worlds)), tickmode="array",
+                                     tickvals=list(worlds), ticktext=[str(w) for w in worlds]),
+                          yaxis=log_axis("static memory per GPU (GB, log scale)", everything))
+
+
+def step_time_figure(interconnects, compute_s, comm_s):
+    """Seconds per step of compute and of each communication pattern, one group of bars per interconnect.
+    comm_s: {pattern: [seconds per interconnect]}; compute_s: {label: seconds}, drawn as horizontal lines."""
+    colors = [COLORS["blue"], COLORS["red"], COLORS["orange"]]
+    fig = go.Figure([go.Bar(x=list(interconnects), y=s, name=p, marker_color=colors[i % 3],
+                            hovertemplate="%{x}: %{y:.3g} s<extra>" + p + "</extra>")
+                     for i, (p, s) in enumerate(comm_s.items())])
+    for j, (label, t) in enumerate(compute_s.items()):
+        fig.add_trace(go.Scatter(x=list(interconnects), y=[t] * len(interconnects), mode="lines", name=label,
+                                 line=dict(color=COLORS["black"], dash="dash" if j == 0 else "dot"),
+                                 hovertemplate="%{y:.3g} s<extra>" + label + "</extra>"))
+    values = [v for s in comm_s.values() for v in s] + list(compute_s.values())
+    label, t = next(iter(compute_s.items()))
+    worst = ", ".join(f"{p} {max(s) / t:.2g}×" for p, s in comm_s.items())
+    fig.update_layout(title_text=f"The slowest link's communication per step, as a multiple of the {label}: {worst}",
+                      barmode="group", xaxis_title="interconnect", yaxis=log_axis("seconds per step (log scale)", values))
+    return themed(fig, height=460)

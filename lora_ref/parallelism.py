@@ -93,7 +93,7 @@ def fsdp_units(config, r, target_modules="all-linear"):
 
     Book: eq-ch12-fsdp-gather (notebooks/12_distributed).
     """
-    n_layers = budget._get_dim(config, "num_hidden_layers")
+    n_layers = int(config["num_hidden_layers"])
     parts = budget.base_param_breakdown(config)
     layer = (parts["linear weights"] + parts["linear biases"] + parts["layer norms"]) // n_layers
     lora = 0 if r is None else budget.lora_param_count(config, r, target_modules) // n_layers

@@ -48,7 +48,7 @@ def test_mirrored_functions_have_the_same_source_so_they_cannot_drift(name):
 
 
 NUMPY_ONLY = ["numpy", "spectral", "budget", "targets", "rank_scaling", "initialization", "gradient_dynamics",
-              "low_rank", "adapter_geometry", "variants", "hyperparams"]
+              "low_rank", "adapter_geometry", "variants", "hyperparams", "parallelism"]
 
 
 def test_importing_numpy_backend_does_not_import_torch():

@@ -14,7 +14,7 @@ BOOK_LINE = re.compile(r"Book: (?P<labels>[\w-]+(?:, [\w-]+)*) \((?P<page>[\w/]+
 MODULES = ["lora_ref.numpy", "lora_ref.torch", "lora_ref.budget", "lora_ref.quant", "lora_ref.spectral",
            "lora_ref.initialization", "lora_ref.rank_scaling", "lora_ref.adapter_geometry",
            "lora_ref.gradient_dynamics", "lora_ref.low_rank", "lora_ref.adapters", "lora_ref.serving",
-           "lora_ref.variants", "lora_ref.hyperparams"]
+           "lora_ref.variants", "lora_ref.hyperparams", "lora_ref.parallelism", "lora_ref.distributed"]
 
 # The formulas the chapters show, and the function that computes each. A new chapter adds its rows.
 REQUIRED = {
@@ -93,6 +93,12 @@ REQUIRED = {
     "lora_ref.hyperparams.predicted_lr": "eq-ch11-predicted-lr",
     "lora_ref.hyperparams.lr_optimum": "eq-ch11-lr-optimum",
     "lora_ref.hyperparams.equal_budget_ranks": "eq-ch11-equal-budget",
+    "lora_ref.parallelism.ddp_grad_bytes": "eq-ch12-ddp-bytes",
+    "lora_ref.parallelism.ring_allreduce_bytes": "eq-ch12-ring",
+    "lora_ref.parallelism.fsdp_gather_bytes": "eq-ch12-fsdp-gather",
+    "lora_ref.parallelism.memory_per_gpu": "eq-ch12-memory",
+    "lora_ref.parallelism.training_flops": "eq-ch12-time",
+    "lora_ref.parallelism.step_time": "eq-ch12-time",
 }
 
 

@@ -120,6 +120,17 @@ CASES = [
     # all-linear: 81,920 per rank in one layer, qv: 8192 + 5120 = 13,312; 4 * 81920 / 13312 = 24.6
     ("ch11_equal_budget_rank", lambda a: ex.ch11_equal_budget_rank(a, model="llama-3.1-8b", targets="qv"),
      25, [25], [24, 26, 4]),
+    # chapter 12: q (4096, 4096) and v (1024, 4096): 16 * (8192 + 5120) * 32 layers * 4 bytes
+    ("ch12_ddp_bytes", lambda a: ex.ch12_ddp_bytes(a, model="llama-3.1-8b", r=16, target_modules="qv"),
+     27_262_976, [27_262_976], [6_815_744, 13_631_488, 27_262_977]),
+    # 2 (W - 1) / W of the buffer: 14 chunks of 1/8
+    ("ch12_ring_bytes", lambda a: ex.ch12_ring_bytes(a, n_bytes=800, world_size=8), 1400, [1400, 1400.0],
+     [1600, 800, 700]),
+    # 4 (65,664 + 2 * 4 * 200,000): the tiny model's root and its four layers with LoRA at r = 8
+    ("ch12_fsdp_gather_bytes", lambda a: ex.ch12_fsdp_gather_bytes(a, r=8), 6_662_656, [6_662_656],
+     [3_462_656, 3_166_720, 6_662_657]),
+    # 144.4 GB / W + 3.43 GB <= 24 GB first at W = 8; QLoRA's 42.8 GB / W + 0.9 GB at W = 2
+    ("ch12_gpus_needed", lambda a: ex.ch12_gpus_needed(a, strategy="FSDP + LoRA", gpu_gb=24.0), 8, [8], [7, 6, 9]),
 ]
 IDS = [c[0] for c in CASES]
 CHECKERS = {c[0]: c[1] for c in CASES}
