@@ -1319,7 +1319,7 @@ def gpus_memory_figure(worlds, per_model, gpu_gb=(80, 24), active=0):
         said = ", ".join(f"{s} {'never' if w is None else w}" for s, w in fits.items())
         steps.append((name, traces, f"{name} on {gpu_gb[0]} GB GPUs, GPUs needed: {said}"))
     return stepped_figure(steps, "model", active=active,
-                          xaxis=dict(log_axis("GPUs W (log scale)", list(worlds)), tickmode="array",
+                          xaxis=dict(log_axis("GPUs (log scale)", list(worlds)), tickmode="array",
                                      tickvals=list(worlds), ticktext=[str(w) for w in worlds]),
                           yaxis=log_axis("static memory per GPU (GB, log scale)", everything))
 
@@ -1336,8 +1336,11 @@ def step_time_figure(interconnects, compute_s, comm_s):
                                  line=dict(color=COLORS["black"], dash="dash" if j == 0 else "dot"),
                                  hovertemplate="%{y:.3g} s<extra>" + label + "</extra>"))
     values = [v for s in comm_s.values() for v in s] + list(compute_s.values())
-    label, t = next(iter(compute_s.items()))
-    worst = ", ".join(f"{p} {max(s) / t:.2g}×" for p, s in comm_s.items())
-    fig.update_layout(title_text=f"The slowest link's communication per step, as a multiple of the {label}: {worst}",
+    def own_compute(pattern):                     # full fine-tuning's traffic against its own compute
+        return next((t for label, t in compute_s.items() if ("full" in label) == ("full" in pattern)),
+                    next(iter(compute_s.values())))
+
+    worst = ", ".join(f"{p} {max(s) / own_compute(p):.2g}×" for p, s in comm_s.items())
+    fig.update_layout(title_text=f"Communication over the slowest link, as a multiple of the same run's compute: {worst}",
                       barmode="group", xaxis_title="interconnect", yaxis=log_axis("seconds per step (log scale)", values))
     return themed(fig, height=460)

@@ -248,3 +248,25 @@ def test_targets_dropout_alpha_and_batch_figures_draw_every_series():
     assert [t.showlegend for t in marks] == [True, True, False, False]        # one legend entry per convention
     fig = figures.batch_size_figure([8, 32], _stats([8, 32], [0.1, 0.2]), _stats([8, 32], [0.2, 0.3]), 3200)
     assert [t.name for t in fig.data] == ["full fine-tuning", "LoRA, r = 16"] and "3,200" in fig.layout.title.text
+
+
+def test_chapter_12_figures_state_their_measures_in_the_title():
+    from lora_ref import budget, parallelism
+
+    c = budget.load_config("llama-3.1-8b")
+    rs = [4, 16]
+    ddp = [parallelism.ddp_grad_bytes(budget.lora_param_count(c, r, "all-linear")) for r in rs]
+    full = parallelism.ddp_grad_bytes(budget.base_param_count(c), 2)
+    fig = figures.comm_bytes_figure(rs, {"8b": {"ddp_lora": ddp, "ddp_full": full, "fsdp_lora": [3e10, 3.1e10]}})
+    assert len(fig.data) == 3 and f"{full / ddp[1]:.0f} times fewer" in fig.layout.title.text
+
+    worlds = [1, 2, 4]
+    mem = {s: [parallelism.memory_per_gpu(c, s, w) / 1e9 for w in worlds] for s in parallelism.STRATEGIES}
+    fig = figures.gpus_memory_figure(worlds, {"8b": mem}, gpu_gb=(12,))
+    need = [parallelism.gpus_needed(c, s, 12e9) for s in parallelism.STRATEGIES]
+    assert len(fig.data) == 4
+    assert all(f"{s} {'never' if n is None else n}" in fig.layout.title.text for s, n in zip(parallelism.STRATEGIES, need))
+
+    fig = figures.step_time_figure(["a", "b"], {"LoRA compute": 1.0, "full FT compute": 2.0},
+                                   {"DDP + LoRA all-reduce": [0.01, 0.1], "DDP full FT all-reduce": [0.5, 1.0]})
+    assert "DDP + LoRA all-reduce 0.1×" in fig.layout.title.text and "DDP full FT all-reduce 0.5×" in fig.layout.title.text
