@@ -209,3 +209,17 @@ def test_step_time_lies_between_overlap_and_serial():
     assert math.isclose(t["comm"], 0.02) and math.isclose(t["compute"], 4e14 / (0.4 * parallelism.H100_BF16_FLOPS))
     with pytest.raises(ValueError, match="utilisation"):
         parallelism.step_time(1, 1, 1, utilisation=1.5)
+
+
+@pytest.mark.slow
+def test_one_process_runs_in_process_and_moves_what_two_move(runs):
+    """--nproc 1 needs no torchrun. DDP on a world of one all-reduces the same bytes per step as on two (the
+    count does not depend on the number of ranks); FSDP on one rank has nothing to gather or scatter, and
+    keeps all of Adam's state."""
+    ddp1 = distributed.run("ddp", 1, steps=2, seed=0)
+    fsdp1 = distributed.run("fsdp", 1, steps=2, seed=0)
+    assert ddp1["world_size"] == fsdp1["world_size"] == 1
+    assert ddp1["grad_bytes_reduced_per_step"] == runs["ddp"]["grad_bytes_reduced_per_step"]
+    assert fsdp1["param_bytes_gathered_per_step"] == fsdp1["grad_bytes_reduced_per_step"] == 0
+    assert fsdp1["optimizer_state_elements_per_rank"] == [sum(runs["fsdp"]["optimizer_state_elements_per_rank"])]
+    assert ddp1["losses"][0] == pytest.approx(runs["single"]["losses"][0], rel=1e-6)
