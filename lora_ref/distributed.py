@@ -395,7 +395,7 @@ def _record(strategy, model, result, per_step, stamps, counter, total_params, n_
     states = [state]
     shas = [adapter_sha]
     if distributed:
-        device = losses.new_empty(0).device if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
         losses = losses.to(device)
         dist.all_reduce(losses)                                          # the sum of the W local means
         losses = (losses / world_size).cpu()
