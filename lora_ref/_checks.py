@@ -165,6 +165,12 @@ def check_adapter_index(is_integer, lo, hi, m):
         raise ValueError(f"index must be in [-1, m) = [-1, {m}) (-1: base model only), got values from {lo} to {hi}")
 
 
+def check_choice(name, value, choices):
+    """value must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {name}={value!r}")
+
+
 def check_adapter_list(A_shapes, B_shapes, r=None):
     """Adapters j = 1..m with A_j (r_j, k) and B_j (d, r_j), one (d, k) for all; r >= every r_j.
 

@@ -41,6 +41,7 @@ __all__ = [
     "nf4_bits_per_param", "OPTIMIZER_SCHEMES", "bytes_per_param", "full_finetune_memory",
     "lora_memory", "qlora_memory",
     "forward_macs", "materialise_crossover_tokens",
+    "MIXED_BATCH_METHODS", "MIXED_BATCH_CONSTANTS", "mixed_batch_costs", "mixed_batch_method",
 ]
 
 # Where the seven linear layers sit in decoder layer i of a Hugging Face Llama, Mistral or
@@ -541,6 +542,66 @@ def materialise_crossover_tokens(d, k):
     _checks.check_dim("d", d)
     _checks.check_dim("k", k)
     return d * k / (d + k)
+
+
+# ----------------------------------------------------------------------------- a mixed batch of adapters
+
+# The ways batched_lora_forward computes y_i = W0 x_i + s_a B_a A_a x_i for a batch whose rows use
+# different adapters a (both backends, the same numbers).
+MIXED_BATCH_METHODS = ("gathered", "segmented", "padded", "stacked")
+
+# What a mixed batch costs beyond its multiply-adds, in multiply-add equivalents of a large fp32
+# GEMM (about 12 ps each on 2 cores): "op" is one tensor operation launched (a fixed cost: dispatch,
+# waking threads, a small GEMM far below peak), "copy" one float moved by a gather, a scatter or a
+# permutation, "gather" one float of A_a or B_a copied for its row and read once more by a batched
+# matrix-vector product. Least-squares fit to benchmarks/bench_multi_adapter.py --fit, fp32, 2 cores,
+# r = 16, d = k in 256 .. 4096, m in 1 .. 64, n in 8 .. 512 (the bypass's own MACs fitted to 0.94 x
+# the base GEMM's rate, taken as 1). A GPU has other constants, and SGMV kernels that launch few ops.
+MIXED_BATCH_CONSTANTS = {"op": 7.0e5, "copy": 150.0, "gather": 100.0}
+
+
+def mixed_batch_costs(counts, d, k, r, in_order=False, constants=None):
+    """The modelled cost of each way to run a mixed batch, in multiply-add equivalents.
+
+    counts: rows per adapter (m numbers; rows for the base model alone are not counted);
+    d, k: W0's shape; r: the (padded) rank; in_order: the rows already sorted by adapter (no
+    permutation). With n = sum(counts), u adapters that have rows, L = max(counts) and
+    c = MIXED_BATCH_CONSTANTS (or ``constants``), every method pays the n d k of x W0^T, then
+
+        gathered:   n r (k + d) c_gather + 10 c_op                        a copy of A_a, B_a per row
+        segmented:  n r (k + d) + (7 + 2 u) c_op + n (k + d) c_copy       a GEMM pair per adapter
+        padded:     u L r (k + d) + 24 c_op + (u L (k + d) + n d) c_copy  two grouped GEMMs, padding included
+        stacked:    n m r (k + d) + 10 c_op + (n + d) m r c_copy          every row through all m adapters
+
+    The op counts are the tensor operations lora_ref.torch's code launches (segmented in order:
+    4 + 2 u, and no permutation copies).
+
+    Book: eq-ch09-mixed-cost (notebooks/09_production).
+    """
+    counts = [int(c) for c in counts]
+    if not counts or min(counts) < 0:
+        raise ValueError(f"counts must be m >= 1 row counts, each >= 0, got {counts}")
+    for name, value in (("d", d), ("k", k)):
+        _checks.check_dim(name, value)
+    _checks.check_rank(r)
+    c = {**MIXED_BATCH_CONSTANTS, **(constants or {})}
+    m, n = len(counts), sum(counts)
+    u, L = sum(1 for x in counts if x), max(counts)
+    base, bypass = n * d * k, r * (k + d)
+    permute = 0 if in_order else n * (k + d)
+    return {
+        "gathered": base + n * bypass * c["gather"] + 10 * c["op"],
+        "segmented": base + n * bypass + ((4 if in_order else 7) + 2 * u) * c["op"] + permute * c["copy"],
+        "padded": base + u * L * bypass + 24 * c["op"] + (u * L * (k + d) + n * d) * c["copy"],
+        "stacked": base + n * m * bypass + 10 * c["op"] + (n + d) * m * r * c["copy"],
+    }
+
+
+def mixed_batch_method(counts, d, k, r, in_order=False, constants=None):
+    """The method of MIXED_BATCH_METHODS with the lowest ``mixed_batch_costs``: what
+    batched_lora_forward(method="auto") runs (ties go to the earlier name)."""
+    costs = mixed_batch_costs(counts, d, k, r, in_order, constants)
+    return min(MIXED_BATCH_METHODS, key=lambda name: costs[name])
 
 
 # ----------------------------------------------------------------------------- QLoRA as lora_ref.hub runs it

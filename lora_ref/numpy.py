@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import _checks
+from .budget import MIXED_BATCH_METHODS, mixed_batch_method
 
 __all__ = ["scaling", "kaiming_a_bound", "gaussian_a_std", "init_lora", "lora_forward", "delta_w", "merge",
            "unmerge", "lora_grads", "delta_w_sgd_step", "pad_adapters", "batched_lora_forward",
@@ -253,28 +254,118 @@ def pad_adapters(As, Bs, r=None):
     return A_pad, B_pad
 
 
-def batched_lora_forward(x, W0, As, Bs, scalings, index):
+def _adapter_counts(index, m):
+    """Rows per adapter, a list of m ints (rows with index -1 are the base model's)."""
+    return np.bincount(np.asarray(index) + 1, minlength=m + 1)[1:].tolist()
+
+
+def _in_order(index):
+    """Whether the rows are already sorted by adapter, base rows (-1) first."""
+    index = np.asarray(index)
+    return index.size < 2 or bool((index[1:] >= index[:-1]).all())
+
+
+def _rows_by_adapter(index):
+    """(order, sorted): a stable permutation putting the rows in adapter order, base rows (-1)
+    first, and whether the index was in that order already (then no permutation is needed)."""
+    already = _in_order(index)
+    return (None if already else np.argsort(index, kind="stable")), already
+
+
+def _mixed_gathered(x, W0, As, Bs, scalings, index, counts):
+    on = index >= 0                               # (n,)   rows served by an adapter
+    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
+    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i, A_a gathered per row
+    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
+    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i
+
+
+def _mixed_segmented(x, W0, As, Bs, scalings, index, counts):
+    order, already = _rows_by_adapter(index)
+    xs = x if already else x[order]               # (n, k)   rows sorted by adapter, base rows first
+    ys = xs @ W0.T                                # (n, d)   W0 x_i, one GEMM
+    lo = xs.shape[0] - sum(counts)                # the first adapter row
+    for j, c in enumerate(counts):
+        if c:                                     # rows lo .. lo + c use adapter j: one GEMM pair
+            ys[lo:lo + c] += scalings[j] * ((xs[lo:lo + c] @ As[j].T) @ Bs[j].T)
+        lo += c
+    if already:
+        return ys
+    y = np.empty_like(ys)
+    y[order] = ys                                 # back to the caller's order
+    return y
+
+
+def _mixed_padded(x, W0, As, Bs, scalings, index, counts):
+    used = [j for j, c in enumerate(counts) if c]
+    if not used:
+        return x @ W0.T
+    slot = np.full(len(counts), -1)
+    slot[used] = np.arange(len(used))             # adapter j -> its segment
+    rows = np.flatnonzero(np.asarray(index) >= 0)  # (n_on,)  rows served by an adapter, in order
+    seg = slot[index[rows]]                       # (n_on,)  their segment
+    order = np.argsort(seg, kind="stable")
+    rows, seg = rows[order], seg[order]           # sorted by segment
+    starts = np.cumsum([0] + [counts[j] for j in used[:-1]])
+    pos = np.arange(rows.shape[0]) - starts[seg]  # place within the segment
+    L = max(counts)
+    Xp = np.zeros((len(used), L, x.shape[1]), dtype=x.dtype)   # (u, L, k)  each adapter's rows, zero-padded
+    Xp[seg, pos] = x[rows]
+    Z = Xp @ As[used].transpose(0, 2, 1)          # (u, L, r)  shrink, one grouped GEMM
+    Z = Z * scalings[used][:, None, None]
+    U = Z @ Bs[used].transpose(0, 2, 1)           # (u, L, d)  expand
+    y = x @ W0.T                                  # (n, d)
+    y[rows] += U[seg, pos]                        # rows are distinct: a plain indexed add
+    return y
+
+
+def _mixed_stacked(x, W0, As, Bs, scalings, index, counts):
+    m, r, k = As.shape
+    d = Bs.shape[1]
+    Z = (x @ As.reshape(m * r, k).T).reshape(-1, m, r)         # (n, m, r)  A_j x_i for every j
+    keep = (np.arange(m)[None, :] == np.asarray(index)[:, None]).astype(x.dtype)   # (n, m) one-hot, base rows 0
+    Z = Z * (keep * scalings[None, :])[:, :, None]             # (n, m, r)  only s_a A_a x_i survives
+    B_all = Bs.transpose(1, 0, 2).reshape(d, m * r)            # (d, m r)   [B_0 ... B_{m-1}]
+    return x @ W0.T + Z.reshape(-1, m * r) @ B_all.T           # (n, d)
+
+
+_MIXED_BATCH = {"gathered": _mixed_gathered, "segmented": _mixed_segmented, "padded": _mixed_padded,
+                "stacked": _mixed_stacked}
+
+
+def batched_lora_forward(x, W0, As, Bs, scalings, index, method="auto"):
     """A mixed batch: row i through its own adapter a = index[i] (or none when a = -1).
 
         y_i = W0 x_i + s_a B_a (A_a x_i),   and  y_i = W0 x_i  when a = -1
 
     x: (n, k);  W0: (d, k);  As: (m, r, k);  Bs: (m, d, r);  scalings: (m,);
     index: (n,) integers in [-1, m)  ->  y: (n, d).
-    One product x W0^T for the whole batch, then two gathered batched products, no loop
-    over rows: "shrink" z_i = A_a x_i (r numbers) and "expand" B_a z_i (Punica's BGMV).
-    The gathers copy A_a and B_a once per row, (n, r, k) and (n, d, r): a GPU kernel
-    reads them in place. Adapters of lower rank are padded with ``pad_adapters``.
+    One product x W0^T for the whole batch; the bypasses by one of four formulations, the same
+    numbers to rounding (``method``, the names of budget.MIXED_BATCH_METHODS):
 
-    Book: eq-ch09-batched (notebooks/09_production).
+      "gathered"   copy A_a and B_a for every row, (n, r, k) and (n, d, r), then two batched
+                   matrix-vector products, "shrink" z_i = A_a x_i and "expand" B_a z_i (Punica's
+                   BGMV without its kernel, which reads A_a and B_a in place)
+      "segmented"  sort the rows by adapter; one GEMM pair per adapter on its contiguous rows
+                   (S-LoRA's and Punica's SGMV, as a loop over the adapters)
+      "padded"     each adapter's rows padded to the longest segment L: two grouped products,
+                   (u, L, k) x (u, k, r) and (u, L, r) x (u, r, d), for the u adapters in use
+      "stacked"    x times all m A's at once, (n, m r); each row keeps its own block of r, then
+                   times all m B's: one GEMM pair, m times the multiply-adds
+      "auto"       the cheapest for this shape by budget.mixed_batch_costs (eq-ch09-mixed-cost)
+
+    Adapters of lower rank are padded with ``pad_adapters``.
+
+    Book: eq-ch09-batched, eq-ch09-mixed-cost (notebooks/09_production).
     """
     n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
                                                _shape(index))
     _checks.check_adapter_index(*_index_range(index), m)
-    on = index >= 0                               # (n,)   rows served by an adapter
-    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
-    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i
-    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
-    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i
+    _checks.check_choice("method", method, ("auto",) + MIXED_BATCH_METHODS)
+    counts = _adapter_counts(index, m)            # m ints: rows per adapter
+    if method == "auto":
+        method = mixed_batch_method(counts, d, k, r, in_order=_in_order(index))
+    return _MIXED_BATCH[method](x, W0, As, Bs, scalings, index, counts)
 
 
 # --------------------------------------------------------------------------- variants of LoRA

@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, targets
+from .budget import MIXED_BATCH_METHODS, materialise_crossover_tokens, mixed_batch_method
 from .numpy import gaussian_a_std, kaiming_a_bound  # plain numbers: one definition for both backends
 
 __all__ = [
@@ -245,6 +247,14 @@ def delta_w_sgd_step(grad_W, A, B, scaling, lr):
 
 # --------------------------------------------------------------------------- layer
 
+# LoRALinear forms W0 + s B A for a batch (no gradients needed) once it has more than this many times
+# T* = d k / (d + k) rows: above T* forming B A costs fewer multiply-adds than the bypass (chapter 02),
+# but it also writes and reads a (d, k) matrix, so the time crossover comes later. Measured with
+# benchmarks/bench_lora_linear.py --crossover, fp32 on 2 cores, r = 8 and 64: at d = k = 1024 and 2048
+# the bypass wins up to about 2 T* and materialising by 2-13 % from 3 T* on; at d = k = 4096 the bypass
+# is already within 4 % of the base layer and the two forms stay within 5 % of each other up to 6 T*.
+MATERIALISE_AT = 2.0
+
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (W0, bias) plus a trainable low-rank bypass.
@@ -291,12 +301,36 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x):
-        y = self.base_layer(x)                                  # (..., d)   W0 x + bias
         if self.merged:
-            return y                                            # W already holds W0 + s B A
-        z = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   z = A x, the bottleneck
-        # y + s B z as one GEMM that accumulates into y (addmm: beta = 1, alpha = s), so no
-        # (..., d) temporaries for B z, s (B z) and the sum; in place when nothing needs grads.
+            return self.base_layer(x)                           # W already holds W0 + s B A
+        if not isinstance(self.base_layer, nn.Linear):          # e.g. QLoRA's NF4 base: W0 is not a tensor here
+            return self._bypass_added(x, self.base_layer(x))
+        x2 = x.reshape(-1, self.in_features)                    # (n, k), n = tokens
+        if self._materialises(x2):
+            return F.linear(x, self._merged_weight(), self.base_layer.bias)     # x (W0 + s B A)^T + bias
+        return self._bypass_added(x, self.base_layer(x))
+
+    def _materialises(self, x2):
+        """Form W0 + s B A for this batch instead of running the bypass: cheaper in multiply-adds
+        once n > T* = d k / (d + k) (eq-ch02-crossover), and in time once n > MATERIALISE_AT * T*.
+        Only where nothing needs the bypass's own gradients and dropout is off (it acts on x inside
+        the bypass only), and in float32 or float64: in bf16 or fp16, forming W0 + s B A would round
+        s B A to W0's precision."""
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            return False
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            return False
+        if self.base_layer.weight.dtype not in (torch.float32, torch.float64):
+            return False
+        return x2.shape[0] > MATERIALISE_AT * materialise_crossover_tokens(self.out_features, self.in_features)
+
+    def _merged_weight(self):
+        W0, A, B = self.base_layer.weight, self.lora_A, self.lora_B
+        return torch.addmm(W0, B.to(W0.dtype), A.to(W0.dtype), alpha=self.scaling)   # (d, k)  W0 + s B A
+
+    def _bypass_added(self, x, y):
+        """y + s B (A dropout(x)) for a base output y (..., d): one GEMM that accumulates into y."""
+        z = self.lora_dropout(x) @ self.lora_A.T                # (..., r)   z = A x
         y2, z2 = y.reshape(-1, y.shape[-1]), z.reshape(-1, self.r)        # (n, d), (n, r)
         if torch.is_grad_enabled():
             return torch.addmm(y2, z2, self.lora_B.T, alpha=self.scaling).view(y.shape)
@@ -475,28 +509,117 @@ def pad_adapters(As, Bs, r=None):
     return A_pad, B_pad
 
 
-def batched_lora_forward(x, W0, As, Bs, scalings, index):
+def _adapter_counts(index, m):
+    """Rows per adapter, a list of m ints (rows with index -1 are the base model's)."""
+    return torch.bincount(index + 1, minlength=m + 1)[1:].tolist()
+
+
+def _in_order(index):
+    """Whether the rows are already sorted by adapter, base rows (-1) first."""
+    return index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+
+
+def _rows_by_adapter(index):
+    """(order, sorted): a stable permutation putting the rows in adapter order, base rows (-1)
+    first, and whether the index was in that order already (then no permutation is needed)."""
+    already = _in_order(index)
+    return (None if already else torch.argsort(index, stable=True)), already
+
+
+def _mixed_gathered(x, W0, As, Bs, scalings, index, counts):
+    on = index >= 0                               # (n,)   rows served by an adapter
+    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
+    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i, A_a gathered per row
+    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
+    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i
+
+
+def _mixed_segmented(x, W0, As, Bs, scalings, index, counts):
+    order, already = _rows_by_adapter(index)
+    xs = x if already else x[order]               # (n, k)   rows sorted by adapter, base rows first
+    ys = xs @ W0.T                                # (n, d)   W0 x_i, one GEMM
+    lo = xs.shape[0] - sum(counts)                # the first adapter row
+    for j, c in enumerate(counts):
+        if c:                                     # rows lo .. lo + c use adapter j: one GEMM pair, in place
+            ys[lo:lo + c].addmm_(xs[lo:lo + c] @ As[j].T, Bs[j].T, alpha=float(scalings[j]))
+        lo += c
+    if already:
+        return ys
+    y = torch.empty_like(ys)
+    y[order] = ys                                 # back to the caller's order
+    return y
+
+
+def _mixed_padded(x, W0, As, Bs, scalings, index, counts):
+    used = [j for j, c in enumerate(counts) if c]
+    if not used:
+        return x @ W0.T
+    slot = torch.full((len(counts),), -1, dtype=torch.long, device=x.device)
+    slot[used] = torch.arange(len(used), device=x.device)              # adapter j -> its segment
+    rows = (index >= 0).nonzero()[:, 0]           # (n_on,)  rows served by an adapter, in order
+    seg = slot[index[rows]]                       # (n_on,)  their segment
+    order = torch.argsort(seg, stable=True)
+    rows, seg = rows[order], seg[order]           # sorted by segment
+    starts = torch.tensor([0] + [counts[j] for j in used[:-1]], device=x.device).cumsum(0)
+    pos = torch.arange(rows.shape[0], device=x.device) - starts[seg]   # place within the segment
+    L = max(counts)
+    Xp = x.new_zeros(len(used), L, x.shape[1])    # (u, L, k)  each adapter's rows, zero-padded
+    Xp[seg, pos] = x[rows]
+    Z = torch.bmm(Xp, As[used].transpose(1, 2))  # (u, L, r)  shrink, one grouped GEMM
+    Z = Z * scalings[used][:, None, None]
+    U = torch.bmm(Z, Bs[used].transpose(1, 2))   # (u, L, d)  expand
+    y = x @ W0.T                                  # (n, d)
+    y[rows] += U[seg, pos]                        # rows are distinct: a plain indexed add
+    return y
+
+
+def _mixed_stacked(x, W0, As, Bs, scalings, index, counts):
+    m, r, k = As.shape
+    d = Bs.shape[1]
+    Z = (x @ As.reshape(m * r, k).T).view(-1, m, r)            # (n, m, r)  A_j x_i for every j
+    keep = (torch.arange(m, device=x.device)[None, :] == index[:, None]).to(x.dtype)   # (n, m) one-hot, base rows 0
+    Z = Z * (keep * scalings[None, :])[:, :, None]             # (n, m, r)  only s_a A_a x_i survives
+    B_all = Bs.permute(1, 0, 2).reshape(d, m * r)              # (d, m r)   [B_0 ... B_{m-1}]
+    return torch.addmm(x @ W0.T, Z.view(-1, m * r), B_all.T)   # (n, d)
+
+
+_MIXED_BATCH = {"gathered": _mixed_gathered, "segmented": _mixed_segmented, "padded": _mixed_padded,
+                "stacked": _mixed_stacked}
+
+
+def batched_lora_forward(x, W0, As, Bs, scalings, index, method="auto"):
     """A mixed batch: row i through its own adapter a = index[i] (or none when a = -1).
 
         y_i = W0 x_i + s_a B_a (A_a x_i),   and  y_i = W0 x_i  when a = -1
 
     x: (n, k);  W0: (d, k);  As: (m, r, k);  Bs: (m, d, r);  scalings: (m,);
     index: (n,) integers in [-1, m)  ->  y: (n, d).
-    One product x W0^T for the whole batch, then two gathered batched products, no loop
-    over rows: "shrink" z_i = A_a x_i (r numbers) and "expand" B_a z_i (Punica's BGMV).
-    The gathers copy A_a and B_a once per row, (n, r, k) and (n, d, r): a GPU kernel
-    reads them in place. Adapters of lower rank are padded with ``pad_adapters``.
+    One product x W0^T for the whole batch; the bypasses by one of four formulations, the same
+    numbers to rounding (``method``, the names of budget.MIXED_BATCH_METHODS):
 
-    Book: eq-ch09-batched (notebooks/09_production).
+      "gathered"   copy A_a and B_a for every row, (n, r, k) and (n, d, r), then two batched
+                   matrix-vector products, "shrink" z_i = A_a x_i and "expand" B_a z_i (Punica's
+                   BGMV without its kernel, which reads A_a and B_a in place)
+      "segmented"  sort the rows by adapter; one GEMM pair per adapter on its contiguous rows
+                   (S-LoRA's and Punica's SGMV, as a loop over the adapters)
+      "padded"     each adapter's rows padded to the longest segment L: two grouped products,
+                   (u, L, k) x (u, k, r) and (u, L, r) x (u, r, d), for the u adapters in use
+      "stacked"    x times all m A's at once, (n, m r); each row keeps its own block of r, then
+                   times all m B's: one GEMM pair, m times the multiply-adds
+      "auto"       the cheapest for this shape by budget.mixed_batch_costs (eq-ch09-mixed-cost)
+
+    Adapters of lower rank are padded with ``pad_adapters``.
+
+    Book: eq-ch09-batched, eq-ch09-mixed-cost (notebooks/09_production).
     """
     n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
                                                _shape(index))
     _checks.check_adapter_index(*_index_range(index), m)
-    on = index >= 0                               # (n,)   rows served by an adapter
-    a = index * on                                # (n,)   their adapter; 0 for base rows, masked below
-    z = (As[a] @ x[:, :, None])[:, :, 0]          # (n, r)   shrink: z_i = A_a x_i
-    up = (Bs[a] @ z[:, :, None])[:, :, 0]         # (n, d)   expand: B_a z_i
-    return x @ W0.T + (scalings[a] * on)[:, None] * up      # (n, d)   W0 x_i + s_a B_a z_i
+    _checks.check_choice("method", method, ("auto",) + MIXED_BATCH_METHODS)
+    counts = _adapter_counts(index, m)            # m ints: rows per adapter
+    if method == "auto":
+        method = mixed_batch_method(counts, d, k, r, in_order=_in_order(index))
+    return _MIXED_BATCH[method](x, W0, As, Bs, scalings, index, counts)
 
 
 # --------------------------------------------------------------------------- variants of LoRA

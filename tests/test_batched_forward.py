@@ -49,6 +49,66 @@ def test_mixed_batch_equals_a_loop_over_rows(seed, backend):
     np.testing.assert_allclose(y, _row_loop(c), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["auto", "gathered", "segmented", "padded", "stacked"])
+@pytest.mark.parametrize("layout", ["random", "sorted", "all base", "one adapter", "unused adapter"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_every_method_equals_the_loop_over_rows(method, layout, backend):
+    """Each formulation, on indices that exercise its branches: unsorted (a permutation), sorted
+    (none), only base rows, one adapter for all rows, and an adapter no row asks for."""
+    c = _case(7, n=13, ranks=(2, 3, 1, 3))
+    c["index"] = {"random": c["index"], "sorted": np.sort(c["index"]), "all base": np.full(13, -1),
+                  "one adapter": np.full(13, 2), "unused adapter": np.array([0, 3, -1, 0, 3] * 2 + [3, 0, -1])}[layout]
+    if backend == "numpy":
+        A, B = ln.pad_adapters(c["As"], c["Bs"])
+        y = ln.batched_lora_forward(c["x"], c["W0"], A, B, c["s"], c["index"], method=method)
+    else:
+        A, B = lt.pad_adapters([T(a) for a in c["As"]], [T(b) for b in c["Bs"]])
+        y = lt.batched_lora_forward(T(c["x"]), T(c["W0"]), A, B, T(c["s"]), T(c["index"]), method=method).numpy()
+    assert y.shape == (13, 5)
+    np.testing.assert_allclose(y, _row_loop(c), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_an_unknown_method_is_named(backend):
+    args = _good()
+    with pytest.raises(ValueError, match=r"method must be one of 'auto', 'gathered', .* got method='bgmv'"):
+        if backend == "numpy":
+            ln.batched_lora_forward(**args, method="bgmv")
+        else:
+            lt.batched_lora_forward(**{key: T(v) for key, v in args.items()}, method="bgmv")
+
+
+def test_the_cost_model_prefers_what_its_terms_say():
+    """budget.mixed_batch_costs: segments pay two ops each, padding pays for empty rows, stacking
+    pays m times the bypass, gathering a copy of the factors per row."""
+    from lora_ref import budget
+
+    d = k = 1024
+    r = 16
+    pick = lambda counts, **kw: budget.mixed_batch_method(counts, d, k, r, **kw)
+    assert pick([512] + [0] * 15) == "segmented"                      # one adapter in use: one GEMM pair
+    assert pick([32] * 16) == "segmented"                             # long segments
+    assert pick([1] * 64) == "padded"                                 # 64 segments of one row: 128 ops
+    assert pick([511, 1]) == "stacked"                                # m = 2: twice the bypass, no permutation
+    assert pick([511, 1], in_order=True) == "segmented"               # ... unless no permutation is needed
+    costs = budget.mixed_batch_costs([511, 1], d, k, r)
+    assert costs["padded"] > costs["segmented"]                       # 510 rows of zeros in segment 2
+    # the terms one at a time: a dearer op adds (7 + 2 u) ops to segmented, 24 to padded, 10 to the others
+    op = budget.MIXED_BATCH_CONSTANTS["op"]
+    c0 = budget.mixed_batch_costs([3, 4, 0], d, k, r)
+    c1 = budget.mixed_batch_costs([3, 4, 0], d, k, r, constants={"op": 2 * op})
+    assert {name: c1[name] - c0[name] for name in c0} == pytest.approx(
+        {"segmented": 11 * op, "padded": 24 * op, "gathered": 10 * op, "stacked": 10 * op})
+    # an adapter that no row uses still costs the stacked form one more block: n r (k + d) MACs, (n + d) r copies
+    extra = c0["stacked"] - budget.mixed_batch_costs([3, 4], d, k, r)["stacked"]
+    assert extra == pytest.approx(7 * r * (k + d) + (7 + d) * r * budget.MIXED_BATCH_CONSTANTS["copy"])
+    assert c0["segmented"] == budget.mixed_batch_costs([3, 4], d, k, r)["segmented"]
+    with pytest.raises(ValueError, match="counts must be"):
+        budget.mixed_batch_costs([], d, k, r)
+    with pytest.raises(ValueError, match="counts must be"):
+        budget.mixed_batch_costs([2, -1], d, k, r)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_backends_give_the_same_numbers(seed):
     c = _case(seed, n=16, d=8, k=12, ranks=(4, 2, 4, 1))

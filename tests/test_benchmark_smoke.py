@@ -146,3 +146,30 @@ def test_main_cli_on_tiny_shape(bench, monkeypatch, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data) >= {"header", "wall_s", "records", "ratios", "paired_ratios", "targets"}
     assert data["records"][0]["d"] == D
+
+
+def test_crossover_times_both_forms_and_restores_the_constant(bench):
+    before = bench.lt.MATERIALISE_AT
+    rec = bench.bench_crossover(D, R, 3, reps=2, target_rep_s=0.002)
+    assert bench.lt.MATERIALISE_AT == before                  # the forced forms put it back
+    assert rec["n"] == int(3 * D / 2) and rec["reps"] == 2
+    assert set(rec["median_ms"]) == {"bypass", "materialised", "base"}
+    assert all(math.isfinite(rec[key]) and rec[key] > 0
+               for key in ("bypass/base", "materialised/base", "paired bypass/materialised"))
+    assert "materialised" in bench.format_crossover_row(rec)  # 3 T* > MATERIALISE_AT T*
+    json.dumps(rec)
+
+
+def test_crossover_verdicts_follow_the_constant(bench):
+    at = bench.lt.MATERIALISE_AT
+    rec = lambda factor, q: {"d": 64, "r": 4, "factor": factor, "paired bypass/materialised": q}
+    good = [rec(at / 2, 0.9), rec(at, 1.04), rec(1.5 * at, 0.96), rec(3 * at, 1.2)]
+    assert bench.check_crossover(good)[0]["status"] == "PASS"
+    assert bench.check_crossover([rec(at, 1.2)])[0]["status"] == "MISS"          # the bypass kept too long
+    assert bench.check_crossover([rec(2 * at, 0.8)])[0]["status"] == "MISS"      # materialised too early
+    assert bench.check_crossover([rec(1.2 * at, 0.5)])[0]["status"] == "SKIP"    # between: no verdict
+
+
+def test_the_forward_target_is_the_flop_floor_plus_a_slack(bench):
+    assert bench.flop_floor(1024, 1024, 8) == pytest.approx(1 + 16 / 1024)
+    assert (bench.fwd_slack(8), bench.fwd_slack(16), bench.fwd_slack(64)) == (0.05, 0.05, 0.06)

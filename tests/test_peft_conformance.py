@@ -165,3 +165,80 @@ def test_a_second_add_lora_keeps_the_first_adapters_trainable_and_does_not_nest(
     assert not isinstance(model[0].base_layer, lt.LoRALinear)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}
+
+
+def _layer_and_peft(d, k, r, dtype=torch.float32, seed=0):
+    """A LoRALinear with nonzero B and PEFT's layer on a copy of the same W0, A and B."""
+    torch.manual_seed(seed)
+    ours = lt.LoRALinear(nn.Linear(k, d, dtype=dtype), r=r, alpha=2 * r)
+    with torch.no_grad():
+        ours.lora_B.normal_(0, 0.05)
+    holder = nn.Sequential()
+    holder.add_module("proj", ours)
+    base = nn.Sequential()
+    base.add_module("proj", copy.deepcopy(ours.base_layer))
+    theirs = oracles.peft_twin(base, holder).base_model.model.proj
+    return ours, theirs
+
+
+@pytest.mark.parametrize("n_over_crossover", [0.5, 1.5, 2.5, 8])
+def test_forward_without_grad_on_either_side_of_the_materialising_threshold_equals_peft(n_over_crossover):
+    """Above MATERIALISE_AT * T* rows LoRALinear forms W0 + s B A for the batch (one GEMM over x);
+    below, the bypass. Either way the output is PEFT's, to float32 rounding."""
+    from lora_ref.budget import materialise_crossover_tokens
+
+    d, k, r = 48, 80, 4
+    ours, theirs = _layer_and_peft(d, k, r)
+    n = int(n_over_crossover * materialise_crossover_tokens(d, k))
+    x = torch.randn(n, k)
+    with torch.no_grad():
+        y, y_peft = ours(x), theirs(x)
+        y_bypass = ours.base_layer(x) + ours.scaling * (x @ ours.lora_A.T) @ ours.lora_B.T
+    materialised = n > lt.MATERIALISE_AT * materialise_crossover_tokens(d, k)
+    assert materialised == (n_over_crossover > lt.MATERIALISE_AT)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_bypass, rtol=1e-5, atol=1e-5)
+    if materialised:                        # a different summation order: not bitwise the bypass
+        W = ours.base_layer.weight + ours.scaling * ours.lora_B @ ours.lora_A
+        torch.testing.assert_close(y, x @ W.T + ours.base_layer.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_materialising_keeps_the_exact_base_output_when_B_is_zero():
+    """B = 0 (the init): W0 + s 0 A is W0 bit for bit, so the output is the base layer's exactly."""
+    layer = lt.LoRALinear(nn.Linear(32, 32), r=4, alpha=8)
+    x = torch.randn(200, 32)                                      # 200 > 2 * T* = 32 rows
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_forward_with_grad_runs_the_bypass_and_its_gradients_equal_peft():
+    """Under grad the factored form is kept (materialising would need the (d, k) gradient of W)."""
+    ours, theirs = _layer_and_peft(24, 24, 2)
+    x = torch.randn(100, 24)                                      # 100 > 2 * T* = 24: large enough
+    g = torch.randn(100, 24)
+    ours(x).backward(g)
+    theirs(x).backward(g)
+    torch.testing.assert_close(ours.lora_A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.lora_B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_never_materialises(dtype, monkeypatch):
+    """In bf16 or fp16, W0 + s B A would round s B A to W0's format, and merged outputs would
+    no longer be PEFT's unmerged ones: the layer keeps the bypass however large the batch."""
+    ours, theirs = _layer_and_peft(32, 32, 4, dtype=dtype)
+    x = torch.randn(400, 32, dtype=dtype)                        # 400 > 2 * T* = 32 rows
+    with torch.no_grad():
+        y = ours(x)
+        monkeypatch.setattr(lt, "MATERIALISE_AT", math.inf)       # the bypass, whatever the batch
+        assert torch.equal(y, ours(x))
+        monkeypatch.setattr(lt, "MATERIALISE_AT", 0.0)            # materialise whenever allowed
+        assert torch.equal(y, ours(x))                            # ... and in this format it is not
+        eps = torch.finfo(dtype).eps                              # PEFT adds B A x after rounding it
+        torch.testing.assert_close(y, theirs(x), rtol=2 * eps, atol=2 * eps * float(y.abs().max()))
+        ours.float()                                              # the same layer in fp32 does switch
+        x32 = x.float()
+        monkeypatch.setattr(lt, "MATERIALISE_AT", math.inf)
+        y_bypass = ours(x32)
+        monkeypatch.setattr(lt, "MATERIALISE_AT", 0.0)
+        assert not torch.equal(ours(x32), y_bypass)
