@@ -151,7 +151,7 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
 
     x: (n, k); W0: (d, k); As, Bs: lists of m factors A_j (r_j, k), B_j (d, r_j); scalings: m numbers;
     index: (n,) the adapter of each row (0 .. m-1). Each callable returns y: (n, d).
-        "gathered":     ``lt.batched_lora_forward`` on the padded adapters: x W0^T once, then the
+        "gathered":     ``lt.batched_lora_forward(..., method="gathered")`` on the padded adapters: x W0^T once, then the
                         shrink and expand of every row over gathered copies of its A and B (BGMV)
         "segmented":    x W0^T once, then each adapter's bypass on its own rows (SGMV; what PEFT's
                         ``adapter_names=`` does)
@@ -169,7 +169,7 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
     W = W0.clone()                                                             # the merging server's weight
 
     def gathered():
-        return lt.batched_lora_forward(x, W0, A_pad, B_pad, s_pad, index)
+        return lt.batched_lora_forward(x, W0, A_pad, B_pad, s_pad, index, method="gathered")
 
     def segmented():
         y = x @ W0.T                                                           # (n, d), once
