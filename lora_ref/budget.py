@@ -576,7 +576,7 @@ def mixed_batch_costs(counts, d, k, r, in_order=False, constants=None):
     The op counts are the tensor operations lora_ref.torch's code launches (segmented in order:
     4 + 2 u, and no permutation copies).
 
-    Book: eq-ch09-mixed-cost (notebooks/09_production).
+    Book: eq-ch09-batched (notebooks/09_production).
     """
     counts = [int(c) for c in counts]
     if not counts or min(counts) < 0:

@@ -352,11 +352,11 @@ def batched_lora_forward(x, W0, As, Bs, scalings, index, method="auto"):
                    (u, L, k) x (u, k, r) and (u, L, r) x (u, r, d), for the u adapters in use
       "stacked"    x times all m A's at once, (n, m r); each row keeps its own block of r, then
                    times all m B's: one GEMM pair, m times the multiply-adds
-      "auto"       the cheapest for this shape by budget.mixed_batch_costs (eq-ch09-mixed-cost)
+      "auto"       the cheapest for this shape by budget.mixed_batch_costs
 
     Adapters of lower rank are padded with ``pad_adapters``.
 
-    Book: eq-ch09-batched, eq-ch09-mixed-cost (notebooks/09_production).
+    Book: eq-ch09-batched (notebooks/09_production).
     """
     n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
                                                _shape(index))

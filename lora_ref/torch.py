@@ -316,8 +316,8 @@ class LoRALinear(nn.Module):
         Only where nothing needs the bypass's own gradients and dropout is off (it acts on x inside
         the bypass only), and in float32 or float64: in bf16 or fp16, forming W0 + s B A would round
         s B A to W0's precision."""
-        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-            return False
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False                                        # gradients keep the bypass's own numbers
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             return False
         if self.base_layer.weight.dtype not in (torch.float32, torch.float64):
@@ -606,11 +606,11 @@ def batched_lora_forward(x, W0, As, Bs, scalings, index, method="auto"):
                    (u, L, k) x (u, k, r) and (u, L, r) x (u, r, d), for the u adapters in use
       "stacked"    x times all m A's at once, (n, m r); each row keeps its own block of r, then
                    times all m B's: one GEMM pair, m times the multiply-adds
-      "auto"       the cheapest for this shape by budget.mixed_batch_costs (eq-ch09-mixed-cost)
+      "auto"       the cheapest for this shape by budget.mixed_batch_costs
 
     Adapters of lower rank are padded with ``pad_adapters``.
 
-    Book: eq-ch09-batched, eq-ch09-mixed-cost (notebooks/09_production).
+    Book: eq-ch09-batched (notebooks/09_production).
     """
     n, d, r, k, m = _checks.check_batched_lora(_shape(x), _shape(W0), _shape(As), _shape(Bs), _shape(scalings),
                                                _shape(index))
