@@ -974,23 +974,23 @@ def swap_drift_figure(cycles, curves, bounds):
 def multi_adapter_figure(batch_sizes, times_ms, active=None):
     """Time of one layer's forward for a batch with m adapters, by strategy, against the batch size n;
     the slider picks m. times_ms: {m: {strategy: [median ms per n]}} with the strategies of
-    ``lora_ref.serving.serving_strategies``."""
+    ``lora_ref.serving.serving_strategies`` (all but "base" and "auto" are drawn)."""
     styles = {"gathered": dict(color=COLORS["sky"]), "segmented": dict(color=COLORS["blue"]),
+              "padded": dict(color=COLORS["green"]), "stacked": dict(color=COLORS["purple"]),
               "per adapter": dict(color=COLORS["orange"]), "merge": dict(color=COLORS["red"]),
-              "base": dict(color=COLORS["black"], dash="dot")}
-    labels = {"gathered": "one mixed batch, gathered (batched_lora_forward)",
-              "segmented": "one mixed batch, segmented (as PEFT's adapter_names)",
-              "per adapter": "one batch per adapter", "merge": "merge, forward, unmerge per adapter",
-              "base": "base model alone"}
+              "one adapter": dict(color=COLORS["black"], dash="dot")}
+    labels = {"gathered": "mixed, gathered", "segmented": "mixed, segmented", "padded": "mixed, padded",
+              "stacked": "mixed, stacked", "per adapter": "one batch per adapter",
+              "merge": "merge, run, unmerge per adapter", "one adapter": "every row one adapter (the mark)"}
     steps = []
     for m, series in times_ms.items():
         traces = [go.Scatter(x=list(batch_sizes), y=series[key], name=labels[key], mode="lines+markers",
                              line=styles[key], hovertemplate="n = %{x}: %{y:.3g} ms<extra>" + key + "</extra>")
                   for key in labels]
-        q = [p / x for p, x in zip(series["merge"], series["segmented"])]
-        steps.append((m, traces, f"m = {m} adapter{'' if m == 1 else 's'}: merging per adapter takes {min(q):.2g}× to {max(q):.2g}× "
-                                 f"the time of one segmented mixed batch"))
-    all_ms = [t for s in times_ms.values() for v in s.values() for t in v]
+        q = [a / o for a, o in zip(series["auto"], series["one adapter"])]
+        steps.append((m, traces, f"m = {m} adapter{'' if m == 1 else 's'}: the mixed batch (method=\"auto\") takes "
+                                 f"{min(q):.2g}× to {max(q):.2g}× the time of one adapter"))
+    all_ms = [t for s in times_ms.values() for key, v in s.items() if key in labels for t in v]
     return stepped_figure(steps, "m (adapters in the batch)", active=len(steps) - 1 if active is None else active,
                           xaxis=log_axis("rows in the batch n (log scale)", list(batch_sizes)),
                           yaxis=log_axis("median time of one layer (ms, log scale)", all_ms))

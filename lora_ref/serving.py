@@ -151,14 +151,15 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
 
     x: (n, k); W0: (d, k); As, Bs: lists of m factors A_j (r_j, k), B_j (d, r_j); scalings: m numbers;
     index: (n,) the adapter of each row (0 .. m-1). Each callable returns y: (n, d).
-        "gathered":     ``lt.batched_lora_forward(..., method="gathered")`` on the padded adapters: x W0^T once, then the
-                        shrink and expand of every row over gathered copies of its A and B (BGMV)
-        "segmented":    x W0^T once, then each adapter's bypass on its own rows (SGMV; what PEFT's
-                        ``adapter_names=`` does)
+        "gathered", "segmented", "padded", "stacked", "auto":
+                        one mixed batch, ``lt.batched_lora_forward(..., method=...)`` on the padded
+                        adapters: x W0^T once, the bypasses in one of its four formulations
         "per adapter":  each adapter's rows as a batch of their own (``lt.lora_forward``): W0 is read
                         once per adapter
         "merge":        per adapter, W += s B A in place, its rows through W, W -= s B A: 2 d r k
                         MACs and two passes over W per adapter
+        "one adapter":  every row through adapter 0 (``lt.lora_forward``): the same multiply-adds as
+                        the mixed batch with none of its bookkeeping, the mark a mixed batch aims at
         "base":         x W0^T alone, the floor
     "merge" works on a copy of W0 made here; rounding moves it by a few units in the last place per swap.
     """
@@ -168,14 +169,8 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
     groups = [(j, (index == j).nonzero().flatten()) for j in range(len(As)) if bool((index == j).any())]
     W = W0.clone()                                                             # the merging server's weight
 
-    def gathered():
-        return lt.batched_lora_forward(x, W0, A_pad, B_pad, s_pad, index, method="gathered")
-
-    def segmented():
-        y = x @ W0.T                                                           # (n, d), once
-        for j, rows in groups:
-            y[rows] += scalings[j] * ((x[rows] @ As[j].T) @ Bs[j].T)           # s B_j (A_j x) on its rows
-        return y
+    def mixed(method):
+        return lambda: lt.batched_lora_forward(x, W0, A_pad, B_pad, s_pad, index, method=method)
 
     def per_adapter():
         y = x.new_empty(n, d)
@@ -191,10 +186,14 @@ def serving_strategies(x, W0, As, Bs, scalings, index):
             W.addmm_(Bs[j], As[j], alpha=-scalings[j])                         # and back
         return y
 
+    def one_adapter():
+        return lt.lora_forward(x, W0, As[0], Bs[0], scalings[0])
+
     def base():
         return x @ W0.T
 
-    return {"gathered": gathered, "segmented": segmented, "per adapter": per_adapter, "merge": merge, "base": base}
+    methods = {name: mixed(name) for name in budget.MIXED_BATCH_METHODS + ("auto",)}
+    return {**methods, "per adapter": per_adapter, "merge": merge, "one adapter": one_adapter, "base": base}
 
 
 def padding_overhead(ranks, rows=None):

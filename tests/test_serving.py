@@ -137,11 +137,12 @@ def test_swap_drift_figure_draws_each_curve_and_its_bound():
 
 
 def test_multi_adapter_figure_steps_over_m():
-    times = {m: {"gathered": [2, 3], "segmented": [1, 2], "per adapter": [m, 2 * m], "merge": [3 * m, 4 * m],
-                 "base": [0.5, 1]} for m in (1, 4)}
+    times = {m: {"gathered": [2, 3], "segmented": [1, 2], "padded": [1, 3], "stacked": [m, m], "auto": [m, 3],
+                 "per adapter": [m, 2 * m], "merge": [3 * m, 4 * m], "one adapter": [1, 2], "base": [0.5, 1]}
+             for m in (1, 4)}
     fig = figures.multi_adapter_figure([8, 64], times)
-    _slider_ok(fig, 2, 5)
-    assert "merging per adapter takes 8× to 12×" in fig.layout.sliders[0].steps[1].args[1]["title.text"]
+    _slider_ok(fig, 2, 7)
+    assert "takes 1.5× to 4× the time of one adapter" in fig.layout.sliders[0].steps[1].args[1]["title.text"]
     assert "ms" in fig.layout.yaxis.title.text
 
 
@@ -206,6 +207,7 @@ def test_serving_strategies_compute_the_same_outputs():
     fns = serving.serving_strategies(x, W0, As, Bs, [0.5, 2.0, 1.0], index)
     ref = torch.stack([W0 @ x[i] + s * Bs[a] @ (As[a] @ x[i]) for i, (a, s) in
                        enumerate((int(a), [0.5, 2.0, 1.0][int(a)]) for a in index)])
-    for name in ("gathered", "segmented", "per adapter", "merge"):
+    for name in ("gathered", "segmented", "padded", "stacked", "auto", "per adapter", "merge"):
         torch.testing.assert_close(fns[name](), ref, rtol=0, atol=1e-12, msg=name)
     torch.testing.assert_close(fns["base"](), x @ W0.T)
+    torch.testing.assert_close(fns["one adapter"](), x @ W0.T + 0.5 * (x @ As[0].T) @ Bs[0].T, rtol=0, atol=1e-12)
