@@ -1,35 +1,31 @@
-"""Serve m adapters in one batch: one mixed batch (two ways) vs one batch per adapter vs merging per request.
+"""Serve m adapters in one batch: four mixed-batch formulations vs one batch per adapter vs merging per request.
 
 What is measured
 ----------------
 One linear layer W0: (d, k), d = k, float32, with m adapters A_j: (r, k), B_j: (d, r), s_j = 2,
 and a batch x: (n, k) whose row i asks for adapter i mod m (so min(n, m) adapters are used).
-Three ways to compute the n outputs y_i = W0 x_i + s_a B_a A_a x_i, side by side
+Ways to compute the n outputs y_i = W0 x_i + s_a B_a A_a x_i, side by side
 (``lora_ref.serving.serving_strategies``, which chapter 09 times too):
 
-  gathered     one mixed batch, ``lora_ref.torch.batched_lora_forward``: one product x W0^T for the
-               whole batch, then the shrink (A_a x_i) and expand (B_a z_i) of every row over gathered
-               copies of its factors (Punica's BGMV, without a fused kernel)
-  segmented    one mixed batch as PEFT runs ``adapter_names=``: x W0^T once, then each adapter's
-               bypass on its own rows (Punica's SGMV, as a loop over the adapters)
-  per adapter  for each adapter in turn, its rows as a batch of their own through
-               ``lora_ref.torch.lora_forward``: W0 is read once per adapter
-  merge        for each adapter in turn: W += s B A, its rows through W, W -= s B A (in place,
-               as a server that merges per request would): 2 d r k MACs per adapter and two
-               passes over W
-  base         x W0^T alone, the floor under all three
+  gathered, segmented, padded, stacked
+               one mixed batch, ``lora_ref.torch.batched_lora_forward(..., method=...)``: x W0^T once,
+               the bypasses over gathered copies of the factors (BGMV without its kernel), a GEMM pair
+               per adapter on sorted rows (SGMV as a loop), two grouped bmm over padded segments, or
+               every row through all m adapters with its own block kept
+  auto         what batched_lora_forward runs by default: the cheapest by budget.mixed_batch_costs
+  per adapter  for each adapter in turn, its rows as a batch of their own through ``lora_forward``
+  merge        for each adapter in turn: W += s B A, its rows through W, W -= s B A
+  one adapter  all n rows through adapter 0: the same multiply-adds with no bookkeeping, the mark
+  base         x W0^T alone, the floor
 
-Before timing, the three strategies are checked against a float64 reference; the benchmark
-fails loudly if they do not compute the same numbers. Method as in bench_lora_linear.py:
+Before timing, the strategies are checked against a float64 reference; the benchmark fails
+loudly if they do not compute the same numbers. Method as in bench_lora_linear.py:
 ``lora_ref.timing.time_interleaved`` runs the strategies round-robin in every repetition and we
-report medians, so the noise of a shared machine falls on all of them alike. Ratios are times
-over the segmented mixed batch: > 1 means slower than it. The last column, spread%, is the
-typical (max - min) / median of a shape's samples.
+report medians. Ratios are times over "one adapter": > 1 means slower than it. Targets: auto with
+16 adapters at d = 1024, n = 512 within 1.5 x one adapter, and auto within 1.15 x the fastest of
+the four methods on every shape. The last column, spread%, is the typical (max - min) / median.
 
-Threads: one by default (``--threads``). The strategies differ in how many small products they
-run (up to 3 m per call); with two threads on a busy 2-core machine, waking the second thread for
-each small product cost more than the product itself, and the ratios measured that, not the
-strategies.
+Threads: two by default (``--threads``), as bench_lora_linear.py.
 
 Usage:
     python benchmarks/bench_multi_adapter.py [--quick] [--threads N] [--reps N] [--json PATH]
@@ -43,13 +39,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_ref import serving
+from lora_ref import budget, serving
 from lora_ref import torch as lt
 from lora_ref.timing import time_interleaved
 
 import _cli
 
-STRATEGIES = ("gathered", "segmented", "per adapter", "merge", "base")
+STRATEGIES = ("gathered", "segmented", "padded", "stacked", "auto", "per adapter", "merge", "one adapter", "base")
+METHODS = ("gathered", "segmented", "padded", "stacked")
 ADAPTERS = (1, 4, 16, 64)
 BATCHES = (8, 64, 512)
 DIMS = (1024, 4096)
@@ -92,22 +89,25 @@ def make_setup(d, r, m, n, seed=0):
     return setup
 
 
-def _reference(setup, rows):
-    """y_i = W0 x_i + s B_a A_a x_i in float64, one row at a time, for the first ``rows`` rows."""
+def _reference(setup, rows, index=None):
+    """y_i = W0 x_i + s B_a A_a x_i in float64, one row at a time, for the first ``rows`` rows
+    (a = index[i], the batch's own index by default)."""
     W0, x = setup.W0.double(), setup.x.double()
+    index = setup.index if index is None else index
     out = [W0 @ x[i] + SCALING * setup.Bs[a].double() @ (setup.As[a].double() @ x[i])
-           for i, a in enumerate(setup.index[:rows].tolist())]
+           for i, a in enumerate(index[:rows].tolist())]
     return torch.stack(out)
 
 
 def check_same_outputs(setup, strategies=None, rows=64):
     """Each adapter strategy against the float64 reference on the first ``rows`` rows; raises MismatchError."""
     strategies = setup.strategies if strategies is None else strategies
-    ref = _reference(setup, rows)
-    atol = 1e-4 * float(ref.abs().max())
+    refs = {"mixed": _reference(setup, rows), "one adapter": _reference(setup, rows, torch.zeros_like(setup.index))}
     for name, fn in strategies.items():
         if name == "base":
             continue
+        ref = refs["one adapter" if name == "one adapter" else "mixed"]
+        atol = 1e-4 * float(ref.abs().max())
         got = fn()[:rows].double()
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=atol):
             raise MismatchError(f"strategy {name!r} disagrees with the float64 reference at d={setup.d}, "
@@ -124,8 +124,7 @@ def bench_shape(d, r, m, n, reps, max_seconds=None, target_rep_s=None):
             "samples_ms": {k: [1e3 * s for s in v] for k, v in t.samples.items()}}
 
 
-RATIOS = {"gathered / segm.": ("gathered", "segmented"), "per adapter / segm.": ("per adapter", "segmented"),
-          "merge / segm.": ("merge", "segmented"), "segm. / base": ("segmented", "base")}
+RATIOS = {f"{name} / one": (name, "one adapter") for name in METHODS + ("auto", "per adapter", "merge")}
 
 
 def ratios(rec):
@@ -138,15 +137,46 @@ def spread(rec):
     return 100 * statistics.median(rel)
 
 
-HEADER = (f"{'d':>5} {'m':>3} {'n':>4} {'reps':>4} | {'segm. ms':>9} {'base ms':>9} | "
-          + " ".join(f"{name:>19}" for name in RATIOS) + f" | {'spread%':>7}")
+HEADER = (f"{'d':>5} {'m':>3} {'n':>4} {'reps':>4} | {'one ms':>8} {'base ms':>8} | "
+          + " ".join(f"{name:>17}" for name in RATIOS) + f" | {'auto runs':>9} | {'spread%':>7}")
+
+
+def auto_choice(rec):
+    """The method batched_lora_forward(method="auto") runs for this record's batch."""
+    counts = [len(range(j, rec["n"], rec["m"])) for j in range(rec["m"])]      # row i uses adapter i mod m
+    return budget.mixed_batch_method(counts, rec["d"], rec["d"], rec["r"], in_order=rec["m"] == 1)
 
 
 def format_row(rec):
     q = ratios(rec)
-    return (f"{rec['d']:>5} {rec['m']:>3} {rec['n']:>4} {rec['reps']:>4} | {rec['median_ms']['segmented']:>9.3f} "
-            f"{rec['median_ms']['base']:>9.3f} | " + " ".join(f"{q[name]:>19.2f}" for name in RATIOS)
-            + f" | {spread(rec):>7.0f}")
+    return (f"{rec['d']:>5} {rec['m']:>3} {rec['n']:>4} {rec['reps']:>4} | {rec['median_ms']['one adapter']:>8.3f} "
+            f"{rec['median_ms']['base']:>8.3f} | " + " ".join(f"{q[name]:>17.2f}" for name in RATIOS)
+            + f" | {auto_choice(rec):>9} | {spread(rec):>7.0f}")
+
+
+def check_targets(records, goal=1.5, slack=1.15):
+    """Two targets, each {"name", "status", "lines"}: the mixed batch of 16 adapters at d = 1024,
+    n = 512 within ``goal`` x one adapter; and on every shape "auto" within ``slack`` x the fastest
+    of the four methods."""
+    out = []
+    cases = [rec for rec in records if (rec["d"], rec["m"], rec["n"]) == (1024, 16, 512)]
+    lines = [f"auto / one adapter = {ratios(rec)['auto / one']:.2f} (runs {auto_choice(rec)})" for rec in cases]
+    ok = all(ratios(rec)["auto / one"] <= goal for rec in cases)
+    out.append({"name": f"16 adapters / one adapter <= {goal} at d=1024, n=512",
+                "status": ("PASS" if ok else "MISS") if cases else "SKIP", "lines": lines or ["no such shape"]})
+    worst, lines = [], []
+    for rec in records:
+        med = rec["median_ms"]
+        best = min(METHODS, key=lambda name: med[name])
+        worst.append((med["auto"] / med[best], rec, best))
+    hits = sum(q <= slack for q, _, _ in worst)
+    if worst:
+        q, rec, best = max(worst, key=lambda t: t[0])
+        lines = [f"{hits}/{len(worst)} shapes within {slack}x; worst {q:.2f} at d={rec['d']} m={rec['m']} n={rec['n']} "
+                 f"(auto runs {auto_choice(rec)}, fastest {best})"]
+    out.append({"name": f"auto within {slack}x of the fastest method (each shape)",
+                "status": ("PASS" if hits == len(worst) else "MISS") if worst else "SKIP", "lines": lines or ["no shapes"]})
+    return out
 
 
 def shapes_for(quick):
@@ -158,19 +188,19 @@ def shapes_for(quick):
 
 def main(argv=None):
     ap = _cli.parser(__doc__, reps="repetitions per shape (default 9, --quick 3)", quick="d=256, r=8, m up to 16: a smoke run",
-                     max_shape_seconds=20.0, threads=1,
-                     threads_help="torch.set_num_threads (default 1: the strategies make up to 3 m small products, and on "
-                                  "a shared machine waking a second thread for each can cost more than the product)")
+                     max_shape_seconds=20.0, threads=2)
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (3 if args.quick else 9)
     with _cli.threads(args.threads):
         t0 = time.perf_counter()
         _cli.print_header(["torch"],
                           f"float32, d = k, s = {SCALING:g}, B ~ N(0, {B_STD}^2); row i uses adapter i mod m; median of reps",
-                          "ratios: time over the segmented mixed batch (x W0^T once, each adapter's bypass on its rows)\n")
+                          "ratios: time over one adapter for all n rows (the same multiply-adds, no bookkeeping)\n")
         records = _cli.table(HEADER, shapes_for(args.quick),
                              lambda shape: bench_shape(*shape, reps, max_seconds=args.max_shape_seconds), format_row)
-        _cli.finish(args.json, t0, records=records, ratios=[ratios(rec) for rec in records])
+        targets = check_targets(records)
+        _cli.print_targets(targets)
+        _cli.finish(args.json, t0, records=records, ratios=[ratios(rec) for rec in records], targets=targets)
     return records
 
 

@@ -295,7 +295,18 @@ def test_benchmark_quick_run_writes_its_table(bench, monkeypatch, tmp_path, caps
     records = bench.main(["--quick", "--reps", "2", "--json", str(out)])
     assert len(records) == 2
     text = capsys.readouterr().out
-    assert "per adapter / segm." in text and "merge / segm." in text and "torch " in text
+    assert "per adapter / one" in text and "auto / one" in text and "torch " in text and "Targets" in text
     data = json.loads(out.read_text())
     assert {"header", "records"} <= set(data) and data["records"][1]["m"] == 4
     assert all(v > 0 for rec in data["records"] for v in rec["median_ms"].values())
+
+
+def test_benchmark_targets_follow_their_thresholds(bench):
+    def rec(auto, one, fastest=1.0):
+        med = {"gathered": 9.0, "segmented": fastest, "padded": 2.0, "stacked": 3.0, "auto": auto,
+               "per adapter": 4.0, "merge": 9.0, "one adapter": one, "base": 0.5}
+        return {"d": 1024, "r": 16, "m": 16, "n": 512, "median_ms": med}
+    assert [t["status"] for t in bench.check_targets([rec(1.1, 1.0)])] == ["PASS", "PASS"]
+    assert [t["status"] for t in bench.check_targets([rec(1.6, 1.0, fastest=1.5)])] == ["MISS", "PASS"]
+    assert [t["status"] for t in bench.check_targets([rec(1.3, 1.0, fastest=1.0)])] == ["PASS", "MISS"]
+    assert bench.auto_choice(rec(1, 1)) == "segmented"
