@@ -27,8 +27,15 @@ the four methods on every shape. The last column, spread%, is the typical (max -
 
 Threads: two by default (``--threads``), as bench_lora_linear.py.
 
+--fit times the four methods and the base on d = k in 256 .. 4096, m in 1 .. 64, n in 8 .. 512,
+and fits the constants of budget.mixed_batch_costs to them: nonnegative least squares of each
+method's time beyond the base product on the counted terms of budget.mixed_batch_terms, weighted by
+one over the method's time (relative errors), in units of the base GEMM's time per multiply-add.
+It prints the fitted constants beside MIXED_BATCH_CONSTANTS and how close "auto" comes to the
+fastest method under each: the way to refit them on another machine.
+
 Usage:
-    python benchmarks/bench_multi_adapter.py [--quick] [--threads N] [--reps N] [--json PATH]
+    python benchmarks/bench_multi_adapter.py [--quick] [--fit] [--threads N] [--reps N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy.optimize import nnls
 
 from lora_ref import budget, serving
 from lora_ref import torch as lt
@@ -143,8 +152,7 @@ HEADER = (f"{'d':>5} {'m':>3} {'n':>4} {'reps':>4} | {'one ms':>8} {'base ms':>8
 
 def auto_choice(rec):
     """The method batched_lora_forward(method="auto") runs for this record's batch."""
-    counts = [len(range(j, rec["n"], rec["m"])) for j in range(rec["m"])]      # row i uses adapter i mod m
-    return budget.mixed_batch_method(counts, rec["d"], rec["d"], rec["r"], in_order=rec["m"] == 1)
+    return budget.mixed_batch_method(_counts(rec), rec["d"], rec["d"], rec["r"], in_order=rec["m"] == 1)
 
 
 def format_row(rec):
@@ -179,6 +187,88 @@ def check_targets(records, goal=1.5, slack=1.15):
     return out
 
 
+FIT_SHAPES = [(d, RANK, m, n) for d in (256, 1024, 4096) for m in ADAPTERS for n in BATCHES]
+TERMS = ("macs", "ops", "copy", "gather")
+
+
+def _counts(rec):
+    """Rows per adapter of a record's batch (row i uses adapter i mod m)."""
+    return [len(range(j, rec["n"], rec["m"])) for j in range(rec["m"])]
+
+
+def fit_constants(records):
+    """The constants of budget.mixed_batch_costs that best explain ``records`` (each with
+    "median_ms" for the four methods and "base"): {"macs", "op", "copy", "gather"} in multiply-add
+    equivalents of the base GEMM, "macs" being the bypass's own multiply-adds (1 in the model).
+
+    time(method) - time(base) = sum_t c_t terms_t, by nonnegative least squares on relative errors;
+    the unit is the median time per multiply-add of the base product over the records with
+    n d k >= 2^28, or at least half the largest n d k (large GEMMs, near the machine's rate)."""
+    X, y, w = [], [], []
+    for rec in records:
+        terms = budget.mixed_batch_terms(_counts(rec), rec["d"], rec["d"], rec["r"], in_order=rec["m"] == 1)
+        for name in METHODS:
+            X.append([terms[name][t] for t in TERMS])
+            y.append(rec["median_ms"][name] - rec["median_ms"]["base"])
+            w.append(1.0 / rec["median_ms"][name])
+    X, y, w = np.array(X, float), np.array(y), np.array(w)
+    coef, _ = nnls(X * w[:, None], y * w)                                # ms per counted unit
+    if not records:
+        raise ValueError("fit_constants needs at least one record")
+    macs = [rec["n"] * rec["d"] ** 2 for rec in records]
+    big = [rec["median_ms"]["base"] / q for rec, q in zip(records, macs) if q >= min(2**28, max(macs) / 2)]
+    unit = statistics.median(big)                                        # ms per MAC of the base GEMM
+    return dict(zip(("macs", "op", "copy", "gather"), (float(c / unit) for c in coef)))
+
+
+def pick_quality(records, constants=None):
+    """For each record, the time of the method budget.mixed_batch_method picks (with ``constants``)
+    over the fastest method's: a list of (ratio, record, picked, fastest)."""
+    out = []
+    for rec in records:
+        med = rec["median_ms"]
+        consts = None if constants is None else {k: v for k, v in constants.items() if k != "macs"}
+        picked = budget.mixed_batch_method(_counts(rec), rec["d"], rec["d"], rec["r"], rec["m"] == 1, consts)
+        best = min(METHODS, key=lambda name: med[name])
+        out.append((med[picked] / med[best], rec, picked, best))
+    return out
+
+
+def bench_fit_shape(d, r, m, n, reps, max_seconds=None):
+    """The four methods and the base alone, interleaved (what fit_constants needs)."""
+    setup = make_setup(d, r, m, n)
+    fns = {name: setup.strategies[name] for name in METHODS + ("base",)}
+    check_same_outputs(setup, fns)
+    t = time_interleaved(fns, reps=reps, target_rep_s=TARGET_REP_S, max_seconds=max_seconds, min_reps=3)
+    return {"d": d, "r": r, "m": m, "n": n, "reps": t.reps,
+            "median_ms": {k: 1e3 * v for k, v in t.median.items()},
+            "samples_ms": {k: [1e3 * s for s in v] for k, v in t.samples.items()}}
+
+
+FIT_HEADER = f"{'d':>5} {'m':>3} {'n':>4} {'reps':>4} | {'base ms':>8} | " + " ".join(f"{m + ' / base':>17}" for m in METHODS)
+
+
+def format_fit_row(rec):
+    med = rec["median_ms"]
+    return (f"{rec['d']:>5} {rec['m']:>3} {rec['n']:>4} {rec['reps']:>4} | {med['base']:>8.3f} | "
+            + " ".join(f"{med[name] / med['base']:>17.2f}" for name in METHODS))
+
+
+def print_fit(records, slack=1.15):
+    fitted = fit_constants(records)
+    print("\nconstants (multiply-add equivalents of the base GEMM):")
+    print(f"  fitted here: bypass MAC {fitted['macs']:.2f}, op {fitted['op']:.3g}, copy {fitted['copy']:.3g}, "
+          f"gather {fitted['gather']:.3g}")
+    print(f"  shipped:     bypass MAC 1, " + ", ".join(f"{k} {v:.3g}" for k, v in budget.MIXED_BATCH_CONSTANTS.items()))
+    for label, consts in (("fitted", fitted), ("shipped", None)):
+        q = pick_quality(records, consts)
+        worst = max(q, key=lambda t: t[0])
+        print(f"  auto with the {label} constants: {sum(r <= slack for r, *_ in q)}/{len(q)} shapes within {slack}x "
+              f"of the fastest; worst {worst[0]:.2f} at d={worst[1]['d']} m={worst[1]['m']} n={worst[1]['n']} "
+              f"(picks {worst[2]}, fastest {worst[3]})")
+    return fitted
+
+
 def shapes_for(quick):
     """(d, r, m, n) of every row of the table."""
     if quick:
@@ -189,10 +279,21 @@ def shapes_for(quick):
 def main(argv=None):
     ap = _cli.parser(__doc__, reps="repetitions per shape (default 9, --quick 3)", quick="d=256, r=8, m up to 16: a smoke run",
                      max_shape_seconds=20.0, threads=2)
+    ap.add_argument("--fit", action="store_true", help="time the four methods on 36 shapes and refit MIXED_BATCH_CONSTANTS")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (3 if args.quick else 9)
     with _cli.threads(args.threads):
         t0 = time.perf_counter()
+        if args.fit:
+            _cli.print_header(["torch"], f"float32, d = k, r = {RANK}; row i uses adapter i mod m; median of reps",
+                              "ratios: time over x W0^T alone\n")
+            shapes = [(256, 8, m, n) for m in (1, 16) for n in (8, 64)] if args.quick else FIT_SHAPES
+            records = _cli.table(FIT_HEADER, shapes,
+                                 lambda shape: bench_fit_shape(*shape, reps, max_seconds=args.max_shape_seconds),
+                                 format_fit_row)
+            fitted = print_fit(records)
+            _cli.finish(args.json, t0, records=records, fitted=fitted)
+            return records
         _cli.print_header(["torch"],
                           f"float32, d = k, s = {SCALING:g}, B ~ N(0, {B_STD}^2); row i uses adapter i mod m; median of reps",
                           "ratios: time over one adapter for all n rows (the same multiply-adds, no bookkeeping)\n")

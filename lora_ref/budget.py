@@ -41,7 +41,7 @@ __all__ = [
     "nf4_bits_per_param", "OPTIMIZER_SCHEMES", "bytes_per_param", "full_finetune_memory",
     "lora_memory", "qlora_memory",
     "forward_macs", "materialise_crossover_tokens",
-    "MIXED_BATCH_METHODS", "MIXED_BATCH_CONSTANTS", "mixed_batch_costs", "mixed_batch_method",
+    "MIXED_BATCH_METHODS", "MIXED_BATCH_CONSTANTS", "mixed_batch_terms", "mixed_batch_costs", "mixed_batch_method",
 ]
 
 # Where the seven linear layers sit in decoder layer i of a Hugging Face Llama, Mistral or
@@ -554,29 +554,36 @@ MIXED_BATCH_METHODS = ("gathered", "segmented", "padded", "stacked")
 # GEMM (about 12 ps each on 2 cores): "op" is one tensor operation launched (a fixed cost: dispatch,
 # waking threads, a small GEMM far below peak), "copy" one float moved by a gather, a scatter or a
 # permutation, "gather" one float of A_a or B_a copied for its row and read once more by a batched
-# matrix-vector product. Least-squares fit to benchmarks/bench_multi_adapter.py --fit, fp32, 2 cores,
-# r = 16, d = k in 256 .. 4096, m in 1 .. 64, n in 8 .. 512 (the bypass's own MACs fitted to 0.94 x
-# the base GEMM's rate, taken as 1). A GPU has other constants, and SGMV kernels that launch few ops.
-MIXED_BATCH_CONSTANTS = {"op": 7.0e5, "copy": 150.0, "gather": 100.0}
+# matrix-vector product. Nonnegative least squares over two runs of benchmarks/bench_multi_adapter.py
+# --fit (fp32, 2 cores, r = 16, d = k in 256 .. 4096, m in 1 .. 64, n in 8 .. 512; 72 timings of each
+# method), rounded: op 5.1e5, copy 111, gather 98, and the bypass's own MACs at 0.88 x the base GEMM's
+# cost, taken as 1. With these, "auto" ran within 1.15 x the fastest method on 36 and 35 of the 36
+# shapes, and at worst 1.35 x (d = 256, m = 16, n = 64: 0.1 ms in all). A GPU has other constants,
+# and SGMV kernels that launch few ops.
+MIXED_BATCH_CONSTANTS = {"op": 5.0e5, "copy": 110.0, "gather": 100.0}
 
 
-def mixed_batch_costs(counts, d, k, r, in_order=False, constants=None):
-    """The modelled cost of each way to run a mixed batch, in multiply-add equivalents.
+def mixed_batch_terms(counts, d, k, r, in_order=False):
+    """What each way to run a mixed batch does beyond the n d k multiply-adds of x W0^T, counted:
+    {method: {"macs", "ops", "copy", "gather"}}, the terms that ``mixed_batch_costs`` weighs.
 
     counts: rows per adapter (m numbers; rows for the base model alone are not counted);
     d, k: W0's shape; r: the (padded) rank; in_order: the rows already sorted by adapter (no
-    permutation). With n = sum(counts), u adapters that have rows, L = max(counts) and
-    c = MIXED_BATCH_CONSTANTS (or ``constants``), every method pays the n d k of x W0^T, then
+    permutation). With n = sum(counts), u adapters that have rows and L = max(counts):
 
-        gathered:   n r (k + d) c_gather + 10 c_op                        a copy of A_a, B_a per row
-        segmented:  n r (k + d) + (7 + 2 u) c_op + n (k + d) c_copy       a GEMM pair per adapter
-        padded:     u L r (k + d) + 24 c_op + (u L (k + d) + n d) c_copy  two grouped GEMMs, padding included
-        stacked:    n m r (k + d) + 10 c_op + (n + d) m r c_copy          every row through all m adapters
+                    macs              ops        copy                  gather
+        gathered:   0                 15         0                     n r (k + d)   a copy of A_a, B_a per row
+        segmented:  n r (k + d)       11 + 2 u   n (k + d)             0             a GEMM pair per adapter
+        padded:     u L r (k + d)     32         u L (k + d) + n d     0             two grouped GEMMs, padding included
+        stacked:    n m r (k + d)     13         (n + d) m r           0             every row through all m adapters
 
-    The op counts are the tensor operations lora_ref.torch's code launches (segmented in order:
-    4 + 2 u, and no permutation copies).
+    "ops" are the ATen operations other than views that lora_ref.torch's code launches, its checks
+    of the index included (segmented in order: 7 + 2 u, and no permutation copies; stacked with
+    m = 1: 12, the stacked B a view); "copy" the floats moved by gathers, scatters and permutations;
+    "gather" the floats of A_a, B_a copied for their row and read once more by a batched
+    matrix-vector product (whose multiply-adds it includes).
 
-    Book: eq-ch09-batched (notebooks/09_production).
+    Book: eq-ch09-mixed-cost (notebooks/09_production).
     """
     counts = [int(c) for c in counts]
     if not counts or min(counts) < 0:
@@ -584,17 +591,33 @@ def mixed_batch_costs(counts, d, k, r, in_order=False, constants=None):
     for name, value in (("d", d), ("k", k)):
         _checks.check_dim(name, value)
     _checks.check_rank(r)
-    c = {**MIXED_BATCH_CONSTANTS, **(constants or {})}
     m, n = len(counts), sum(counts)
     u, L = sum(1 for x in counts if x), max(counts)
-    base, bypass = n * d * k, r * (k + d)
-    permute = 0 if in_order else n * (k + d)
+    bypass = r * (k + d)                                         # MACs of one row's shrink and expand
     return {
-        "gathered": base + n * bypass * c["gather"] + 10 * c["op"],
-        "segmented": base + n * bypass + ((4 if in_order else 7) + 2 * u) * c["op"] + permute * c["copy"],
-        "padded": base + u * L * bypass + 24 * c["op"] + (u * L * (k + d) + n * d) * c["copy"],
-        "stacked": base + n * m * bypass + 10 * c["op"] + (n + d) * m * r * c["copy"],
+        "gathered": {"macs": 0, "ops": 15, "copy": 0, "gather": n * bypass},
+        "segmented": {"macs": n * bypass, "ops": (7 if in_order else 11) + 2 * u,
+                      "copy": 0 if in_order else n * (k + d), "gather": 0},
+        "padded": {"macs": u * L * bypass, "ops": 32, "copy": u * L * (k + d) + n * d, "gather": 0},
+        "stacked": {"macs": n * m * bypass, "ops": 12 + (m > 1), "copy": (n + d) * m * r, "gather": 0},
     }
+
+
+def mixed_batch_costs(counts, d, k, r, in_order=False, constants=None):
+    """The modelled cost of each way to run a mixed batch, in multiply-add equivalents:
+
+        cost = n d k + macs + c_op ops + c_copy copy + c_gather gather
+
+    with the terms of ``mixed_batch_terms`` (same arguments) and c = MIXED_BATCH_CONSTANTS, or
+    those of ``constants`` where given.
+
+    Book: eq-ch09-mixed-cost (notebooks/09_production).
+    """
+    terms = mixed_batch_terms(counts, d, k, r, in_order)
+    c = {**MIXED_BATCH_CONSTANTS, **(constants or {})}
+    base = sum(int(x) for x in counts) * d * k
+    return {name: base + t["macs"] + c["op"] * t["ops"] + c["copy"] * t["copy"] + c["gather"] * t["gather"]
+            for name, t in terms.items()}
 
 
 def mixed_batch_method(counts, d, k, r, in_order=False, constants=None):

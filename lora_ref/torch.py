@@ -314,8 +314,9 @@ class LoRALinear(nn.Module):
         """Form W0 + s B A for this batch instead of running the bypass: cheaper in multiply-adds
         once n > T* = d k / (d + k) (eq-ch02-crossover), and in time once n > MATERIALISE_AT * T*.
         Only where nothing needs the bypass's own gradients and dropout is off (it acts on x inside
-        the bypass only), and in float32 or float64: in bf16 or fp16, forming W0 + s B A would round
-        s B A to W0's precision."""
+        the bypass only), and in float32 or float64: in bf16 or fp16, W0 + s B A rounded to 8 or 11
+        bits would lose most of s B A (far smaller than W0's entries), and the output would no longer
+        be the unmerged layer's, which PEFT computes."""
         if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False                                        # gradients keep the bypass's own numbers
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
@@ -325,6 +326,8 @@ class LoRALinear(nn.Module):
         return x2.shape[0] > MATERIALISE_AT * materialise_crossover_tokens(self.out_features, self.in_features)
 
     def _merged_weight(self):
+        """W0 + s B A for one batch: eq-ch02-merge without ``merge``'s scan of W0, A and B for
+        non-finite values, which would cost a pass over W0 on every forward."""
         W0, A, B = self.base_layer.weight, self.lora_A, self.lora_B
         return torch.addmm(W0, B.to(W0.dtype), A.to(W0.dtype), alpha=self.scaling)   # (d, k)  W0 + s B A
 

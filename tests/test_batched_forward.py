@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_ref import numpy as ln
 from lora_ref import serving
@@ -98,7 +99,7 @@ def test_the_cost_model_prefers_what_its_terms_say():
     c0 = budget.mixed_batch_costs([3, 4, 0], d, k, r)
     c1 = budget.mixed_batch_costs([3, 4, 0], d, k, r, constants={"op": 2 * op})
     assert {name: c1[name] - c0[name] for name in c0} == pytest.approx(
-        {"segmented": 11 * op, "padded": 24 * op, "gathered": 10 * op, "stacked": 10 * op})
+        {"segmented": 15 * op, "padded": 32 * op, "gathered": 15 * op, "stacked": 13 * op})
     # an adapter that no row uses still costs the stacked form one more block: n r (k + d) MACs, (n + d) r copies
     extra = c0["stacked"] - budget.mixed_batch_costs([3, 4], d, k, r)["stacked"]
     assert extra == pytest.approx(7 * r * (k + d) + (7 + d) * r * budget.MIXED_BATCH_CONSTANTS["copy"])
@@ -107,6 +108,47 @@ def test_the_cost_model_prefers_what_its_terms_say():
         budget.mixed_batch_costs([], d, k, r)
     with pytest.raises(ValueError, match="counts must be"):
         budget.mixed_batch_costs([2, -1], d, k, r)
+
+
+class _CountOps(TorchDispatchMode):
+    """Records every ATen operation run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# Operations that make a view or read a scalar: no kernel over the data.
+_NOT_COUNTED = {"view", "_unsafe_view", "permute", "slice", "select", "unsqueeze", "expand", "transpose",
+                "lift_fresh", "_local_scalar_dense", "t", "alias", "squeeze", "as_strided", "detach"}
+
+
+@pytest.mark.parametrize("m, index", [(5, [0] * 8), (1, [0] * 8), (1, [0, -1, 0]), (5, [0, 1, 2] * 4), (5, [0, 1, 2, 3] * 3),
+                                      (5, sorted([0, 1, 2, 3] * 3)), (5, [0, -1, 2, 2, -1, 0, 4, 4, 4]),
+                                      (5, sorted([1, 1, 2, 3, 3, 3]))])
+def test_the_cost_model_counts_the_operations_the_code_launches(m, index):
+    """mixed_batch_terms' "ops": the ATen operations other than views that lora_ref.torch runs for
+    each method, counted with a TorchDispatchMode (independent of the hand count in its docstring)."""
+    from lora_ref import budget
+
+    d, k, r = 6, 7, 3
+    g = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(len(index), k, generator=g, dtype=torch.float64),
+                W0=torch.randn(d, k, generator=g, dtype=torch.float64),
+                As=torch.randn(m, r, k, generator=g, dtype=torch.float64),
+                Bs=torch.randn(m, d, r, generator=g, dtype=torch.float64),
+                scalings=torch.ones(m, dtype=torch.float64), index=torch.tensor(index))
+    counts = [index.count(j) for j in range(m)]
+    terms = budget.mixed_batch_terms(counts, d, k, r, in_order=index == sorted(index))
+    for method in budget.MIXED_BATCH_METHODS:
+        with _CountOps() as seen:
+            lt.batched_lora_forward(**args, method=method)
+        launched = [op for op in seen.ops if op not in _NOT_COUNTED]
+        assert len(launched) == terms[method]["ops"], (method, launched)
 
 
 @pytest.mark.parametrize("seed", range(3))
