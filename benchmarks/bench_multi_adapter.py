@@ -204,6 +204,8 @@ def fit_constants(records):
     time(method) - time(base) = sum_t c_t terms_t, by nonnegative least squares on relative errors;
     the unit is the median time per multiply-add of the base product over the records with
     n d k >= 2^28, or at least half the largest n d k (large GEMMs, near the machine's rate)."""
+    if not records:                         # (scipy's nnls on an empty matrix crashes: scipy issue 24861)
+        raise ValueError("fit_constants needs at least one record")
     X, y, w = [], [], []
     for rec in records:
         terms = budget.mixed_batch_terms(_counts(rec), rec["d"], rec["d"], rec["r"], in_order=rec["m"] == 1)
@@ -213,8 +215,6 @@ def fit_constants(records):
             w.append(1.0 / rec["median_ms"][name])
     X, y, w = np.array(X, float), np.array(y), np.array(w)
     coef, _ = nnls(X * w[:, None], y * w)                                # ms per counted unit
-    if not records:
-        raise ValueError("fit_constants needs at least one record")
     macs = [rec["n"] * rec["d"] ** 2 for rec in records]
     big = [rec["median_ms"]["base"] / q for rec, q in zip(records, macs) if q >= min(2**28, max(macs) / 2)]
     unit = statistics.median(big)                                        # ms per MAC of the base GEMM
@@ -259,7 +259,7 @@ def print_fit(records, slack=1.15):
     print("\nconstants (multiply-add equivalents of the base GEMM):")
     print(f"  fitted here: bypass MAC {fitted['macs']:.2f}, op {fitted['op']:.3g}, copy {fitted['copy']:.3g}, "
           f"gather {fitted['gather']:.3g}")
-    print(f"  shipped:     bypass MAC 1, " + ", ".join(f"{k} {v:.3g}" for k, v in budget.MIXED_BATCH_CONSTANTS.items()))
+    print("  shipped:     bypass MAC 1, " + ", ".join(f"{k} {v:.3g}" for k, v in budget.MIXED_BATCH_CONSTANTS.items()))
     for label, consts in (("fitted", fitted), ("shipped", None)):
         q = pick_quality(records, consts)
         worst = max(q, key=lambda t: t[0])

@@ -352,3 +352,28 @@ def test_benchmark_targets_follow_their_thresholds(bench):
     assert [t["status"] for t in bench.check_targets([rec(1.6, 1.0, fastest=1.5)])] == ["MISS", "PASS"]
     assert [t["status"] for t in bench.check_targets([rec(1.3, 1.0, fastest=1.0)])] == ["PASS", "MISS"]
     assert bench.auto_choice(rec(1, 1)) == "segmented"
+
+
+def test_the_fit_recovers_constants_that_made_the_timings(bench):
+    """Timings synthesised from budget.mixed_batch_terms with known constants (and a base GEMM at
+    1e-9 ms per MAC): fit_constants gives those constants back, and pick_quality then finds auto's
+    pick the fastest on every shape."""
+    from lora_ref import budget
+
+    truth = {"macs": 0.9, "op": 3e5, "copy": 80.0, "gather": 120.0}
+    unit = 1e-9                                                             # ms per MAC of the base GEMM
+    records = []
+    for d in (256, 1024, 4096):
+        for m in (1, 4, 16, 64):
+            for n in (8, 64, 512):
+                counts = [len(range(j, n, m)) for j in range(m)]
+                terms = budget.mixed_batch_terms(counts, d, d, 16, in_order=m == 1)
+                base = unit * n * d * d
+                med = {name: base + unit * (truth["macs"] * t["macs"] + truth["op"] * t["ops"] + truth["copy"] * t["copy"]
+                                            + truth["gather"] * t["gather"]) for name, t in terms.items()}
+                records.append({"d": d, "r": 16, "m": m, "n": n, "median_ms": {**med, "base": base}})
+    fitted = bench.fit_constants(records)
+    assert fitted == pytest.approx(truth, rel=1e-6)
+    assert all(q == 1.0 for q, *_ in bench.pick_quality(records, fitted))   # the true costs: auto picks the fastest
+    with pytest.raises(ValueError, match="at least one record"):
+        bench.fit_constants([])
