@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -133,18 +132,49 @@ def _launch(cmd, timeout, nproc):
     # oversubscribe the cores, and spinning OpenMP threads then slow every collective tenfold
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     env["LORA_BOOK_QUIET"] = "1"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise RuntimeError(f"torchrun did not finish within {timeout} s and was killed: {shlex.join(cmd)}\n"
-                           f"last output:\n{_tail(output)}") from None
+    # The output goes to a file, not a pipe: the workers inherit it, and a reader of a pipe would wait
+    # for the last of them to close it, a hung one included.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            log.seek(0)
+            raise RuntimeError(f"torchrun did not finish within {timeout} s and was killed: {shlex.join(cmd)}\n"
+                               f"last output:\n{_tail(log.read())}") from None
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed with exit code {proc.returncode}: {shlex.join(cmd)}\n"
                            f"last output:\n{_tail(output)}")
+
+
+def _stop(proc, grace_s=10):
+    """End torchrun and every worker. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave them running: SIGTERM first (torchrun then stops its workers),
+    then SIGKILL to every process that was a descendant when the limit passed."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc.poll() is None:
+        proc.kill()
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=grace_s)
 
 
 def _tail(text, lines=20):

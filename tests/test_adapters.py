@@ -187,7 +187,8 @@ def test_target_modules_order_is_stable(make_tiny_llama, tmp_path):
     save_adapter(model, tmp_path / "a")                               # replacing an adapter works too
     script = _SAVE_IN_SUBPROCESS.format(targets=ALL_LINEAR[::-1])
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(Path(adapters.__file__).parents[1])}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "d")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "d")], check=True, env=env, capture_output=True,
+                   timeout=120)
     files = {d: (tmp_path / d / CONFIG_NAME).read_bytes() for d in "abcd"}
     assert files["a"] == files["b"] == files["c"] == files["d"]
     assert json.loads(files["a"])["target_modules"] == sorted(ALL_LINEAR)

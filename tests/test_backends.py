@@ -54,7 +54,7 @@ NUMPY_ONLY = ["numpy", "spectral", "budget", "targets", "rank_scaling", "initial
 def test_importing_numpy_backend_does_not_import_torch():
     """The modules the README calls NumPy only import neither torch nor anything that does."""
     code = f"import sys, lora_ref, {', '.join('lora_ref.' + m for m in NUMPY_ONLY)}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
 
 

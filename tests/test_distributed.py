@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -95,6 +96,27 @@ def test_a_failing_worker_is_reported_with_its_own_error(tmp_path):
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert done.returncode == 1 and "torchrun failed" in done.stderr and "no_such_layer" in done.stderr
     assert not out.exists()                            # nothing written half-way
+
+
+# What torchrun does: each worker in a session of its own, writing to the launcher's output.
+_HANGING_LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("WORKER_PID", worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hung_run_is_killed_at_its_limit_workers_included():
+    """A launcher that never returns, with a worker in its own session that holds the output open:
+    killing the launcher's process group would leave the worker, and reading a pipe would wait for it."""
+    psutil = pytest.importorskip("psutil")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not finish within 2 s") as failed:
+        distributed._launch([sys.executable, "-c", _HANGING_LAUNCHER], timeout=2, nproc=2)
+    assert time.monotonic() - start < 30
+    worker = int(str(failed.value).rsplit("WORKER_PID ", 1)[1].split()[0])   # from the output
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
 
 
 @pytest.mark.parametrize("kwargs, message", [
