@@ -124,10 +124,12 @@ def check_same_outputs(setup, strategies=None, rows=64):
                                 f"m={setup.m}, n={setup.n}: the benchmark would compare unequal computations")
 
 
-def bench_shape(d, r, m, n, reps, max_seconds=None, target_rep_s=None):
+def bench_shape(d, r, m, n, reps, max_seconds=None, target_rep_s=None, names=STRATEGIES):
+    """The strategies ``names`` on one shape, checked against the reference, then timed interleaved."""
     setup = make_setup(d, r, m, n)
-    check_same_outputs(setup)
-    t = time_interleaved(setup.strategies, reps=reps, target_rep_s=target_rep_s or TARGET_REP_S,
+    fns = {name: setup.strategies[name] for name in names}
+    check_same_outputs(setup, fns)
+    t = time_interleaved(fns, reps=reps, target_rep_s=target_rep_s or TARGET_REP_S,
                          max_seconds=max_seconds, min_reps=3)
     return {"d": d, "r": r, "m": m, "n": n, "reps": t.reps,
             "median_ms": {k: 1e3 * v for k, v in t.median.items()},
@@ -245,17 +247,6 @@ def pick_quality(records, constants=None):
     return out
 
 
-def bench_fit_shape(d, r, m, n, reps, max_seconds=None):
-    """The four methods and the base alone, interleaved (what fit_constants needs)."""
-    setup = make_setup(d, r, m, n)
-    fns = {name: setup.strategies[name] for name in METHODS + ("base",)}
-    check_same_outputs(setup, fns)
-    t = time_interleaved(fns, reps=reps, target_rep_s=TARGET_REP_S, max_seconds=max_seconds, min_reps=3)
-    return {"d": d, "r": r, "m": m, "n": n, "reps": t.reps,
-            "median_ms": {k: 1e3 * v for k, v in t.median.items()},
-            "samples_ms": {k: [1e3 * s for s in v] for k, v in t.samples.items()}}
-
-
 FIT_HEADER = f"{'d':>5} {'m':>3} {'n':>4} {'reps':>4} | {'base ms':>8} | " + " ".join(f"{m + ' / base':>17}" for m in METHODS)
 
 
@@ -300,7 +291,8 @@ def main(argv=None):
                               "ratios: time over x W0^T alone\n")
             shapes = [(256, 8, m, n) for m in (1, 16) for n in (8, 64)] if args.quick else FIT_SHAPES
             records = _cli.table(FIT_HEADER, shapes,
-                                 lambda shape: bench_fit_shape(*shape, reps, max_seconds=args.max_shape_seconds),
+                                 lambda shape: bench_shape(*shape, reps, max_seconds=args.max_shape_seconds,
+                                                           names=METHODS + ("base",)),  # what fit_constants needs
                                  format_fit_row)
             fitted = print_fit(records)
             _cli.finish(args.json, t0, records=records, fitted=fitted)
