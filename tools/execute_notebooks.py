@@ -2,7 +2,8 @@
 
     python tools/execute_notebooks.py notebooks/*.ipynb
 
-Used by `make execute` to refresh the committed outputs that nbval compares.
+Used by `make execute` to refresh the committed outputs that nbval compares; each plotly figure
+then gets its static image (tools/static_figures.py).
 A chapter must execute in 60 s or less on 2 cores; a slower one fails here.
 """
 
@@ -12,6 +13,9 @@ import time
 
 import nbformat
 from nbclient import NotebookClient
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import static_figures
 
 LIMIT_S = 60
 
@@ -29,6 +33,7 @@ def main(paths):
                                 resources={"metadata": {"path": os.path.dirname(path) or "."}})
         client.execute()
         seconds = time.perf_counter() - t0
+        static_figures.add_static_figures(nb)        # an image of each figure, for viewers without JavaScript
         nbformat.write(nb, path)
         print(f"{path}: executed in {seconds:.1f} s")
         if seconds > LIMIT_S:

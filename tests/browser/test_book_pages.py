@@ -135,6 +135,9 @@ def test_page_works_offline_with_math_figures_and_a_colab_link(page, site_url, c
         "g.querySelectorAll('.main-svg .trace, .main-svg .hm').length > 0)"
     )
     assert all(drawn), f"figures that did not draw: {drawn}"
+    # the static images of the committed outputs (tools/static_figures.py) give way to the drawn figures
+    shown = page.eval_on_selector_all("img.lora-static-figure", "els => els.filter(e => e.offsetParent !== null).length")
+    assert shown == 0, f"{shown} static images still shown beside their interactive figures"
     assert page.blocked == [], f"the page asked other hosts for: {sorted(set(page.blocked))[:5]}"
     assert page.errors == [], f"console errors: {page.errors[:5]}"
     if chapter.startswith("notebooks/"):                    # and its Colab badge opens this notebook
@@ -263,3 +266,27 @@ def test_figures_follow_the_dark_theme(page, site_url, chapter):
     looks = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div')).map(g => "
                           "[g._fullLayout.paper_bgcolor, g._fullLayout.font.color])")
     assert looks and all(bg in ("rgba(0, 0, 0, 0)", "rgba(0,0,0,0)") and font != "#2a3f5f" for bg, font in looks), looks
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c.startswith("notebooks/")])
+def test_a_committed_notebook_shows_every_figure_without_javascript(browser, tmp_path, chapter):
+    """What GitHub's viewer or any script-stripping viewer gets: nbconvert's HTML of the committed
+    notebook, code hidden, in a browser with JavaScript off. Each figure shows as its image."""
+    from nbconvert import HTMLExporter
+
+    html, _ = HTMLExporter(exclude_input=True).from_filename(str(ROOT / f"{chapter}.ipynb"))
+    out = tmp_path / "page.html"
+    out.write_text(html)
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, java_script_enabled=False)
+    try:
+        pg = context.new_page()
+        pg.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else r.abort())
+        pg.goto(out.as_uri(), wait_until="load")
+        figures = pg.locator(".plotly-graph-div").count()
+        images = pg.eval_on_selector_all(
+            "img.lora-static-figure",
+            "els => els.map(e => [e.complete && e.naturalWidth, Math.round(e.getBoundingClientRect().height)])")
+    finally:
+        context.close()
+    assert figures >= 1 and len(images) == figures, (figures, images)
+    assert all(width == 720 and height > 200 for width, height in images), images
