@@ -22,7 +22,7 @@ export LORA_BOOK_QUIET := 1
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 
-.PHONY: all setup book book-committed serve execute text test unit lint nbval browser bench bench-quick assignments clean
+.PHONY: all setup book book-committed serve execute text test unit lint nbval browser pdf bench bench-quick assignments clean
 
 all: book
 	@echo
@@ -65,7 +65,7 @@ lint: $(VENV)
 # The fast unit tests, on 2 workers (pytest-xdist). The slow ones (marked `slow`: otter-grader, the
 # hub path, the export, the benchmarks) and the browser test, which needs a built book, run in make test.
 unit: $(VENV)
-	$(PY) -m pytest -q -n 2 -m "not slow" tests --ignore=tests/browser
+	$(PY) -m pytest -q -n 2 -m "not slow" tests --ignore=tests/browser --ignore=tests/pdf
 
 # nbval compares the outputs of the cells tagged nbval-check-output with the committed ones.
 NBVAL := $(PY) -m pytest -q -p no:randomly --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
@@ -90,7 +90,7 @@ browser: $(VENV)
 # site. Executing a third time here would cost five of make test's minutes on a 2-core machine.
 test: $(VENV)
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q -n 2 tests --ignore=tests/browser
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/browser --ignore=tests/pdf
 	$(NBVAL) $(NOTEBOOKS)
 	$(PLAIN_NBVAL) $(NOTEBOOKS)
 	$(MAKE) --no-print-directory book-committed
@@ -100,6 +100,13 @@ book-committed: $(VENV)
 	sed 's/^  execute_notebooks: .*/  execute_notebooks: "off"/' _config.yml > _config_committed.yml
 	.venv/bin/jupyter-book build . --all -W -n --keep-going --config _config_committed.yml; \
 	rc=$$?; rm -f _config_committed.yml; exit $$rc
+
+# The PDF edition: the book as one page from the committed outputs, printed by chromium, then opened
+# and checked with pypdf (tests/pdf). About 2 minutes; CI runs it after make test (.ci/run). A copy
+# lands in _build/html/book.pdf, where the front page links to it.
+pdf: $(VENV)
+	$(PY) tools/build_pdf.py
+	$(PY) -m pytest -q tests/pdf
 
 # Classroom assignments (otter-grader) from the chapters' exercises and assignments/*.yml: a student
 # notebook and an autograder zip per chapter under _build/assignments/<chapter>/ (book/instructors.md).

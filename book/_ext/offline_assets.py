@@ -97,7 +97,9 @@ def on_build_finished(app, exception):
     _copy_assets(static)
     offending = []
     for page in out.rglob("*.html"):
-        rel_static = os.path.relpath(static, page.parent).replace(os.sep, "/")
+        # singlehtml links its assets as if its one page sat at the root, where pdf_edition moves it
+        rel_static = "_static" if app.builder.name == "singlehtml" else os.path.relpath(static, page.parent)
+        rel_static = rel_static.replace(os.sep, "/")
         text = page.read_text(encoding="utf-8")
         new = _rewrite(text, rel_static)
         if new != text:
