@@ -42,6 +42,7 @@ WAIT_MS = 120_000
 
 STATS_JS = """() => ({figures: document.querySelectorAll('.plotly-graph-div').length,
   math: document.querySelectorAll('mjx-container').length, mathErrors: document.querySelectorAll('mjx-merror').length,
+  staticShown: Array.from(document.querySelectorAll('img.lora-static-figure')).filter(e => e.offsetParent !== null).length,
   chapters: Array.from(document.querySelectorAll('span[id^="document-"]')).map(s => s.id.slice(9))})"""
 
 READY_JS = """() => window.MathJax && MathJax.startup && MathJax.startup.promise &&
@@ -99,6 +100,8 @@ def print_pdf(page, out=OUT):
                 stats = pg.evaluate(STATS_JS)
                 if stats['mathErrors']:
                     raise RuntimeError(f"MathJax reports {stats['mathErrors']} TeX errors on the page")
+                if stats["staticShown"]:                # each figure once: drawn, not also as its image
+                    raise RuntimeError(f"{stats['staticShown']} static figure images shown beside the drawn figures")
                 pg.pdf(path=str(tmp), format="A4", print_background=True, outline=True, tagged=True,
                        margin={side: f"{mm}mm" for side, mm in MARGIN_MM.items()},
                        display_header_footer=True, header_template="<span></span>",
