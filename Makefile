@@ -24,7 +24,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb) book/errata.ipynb
 
 .PHONY: all setup book book-committed serve execute text test unit lint nbval browser pdf bench bench-quick assignments clean
 
-all: book
+all: book assignments
 	@echo
 	@echo "The book is built: open _build/html/index.html, or run 'make serve' for http://127.0.0.1:8000"
 

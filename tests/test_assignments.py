@@ -168,17 +168,23 @@ def graded(built, tmp_path_factory):
 # --------------------------------------------------------------------------- grading
 
 
+def _n_autograded(chapter):
+    """The exercises and the plot questions (the student's matplotlib figure, read back by the Axes)."""
+    spec = _spec_of(chapter)
+    return len(spec["questions"]) + len(spec.get("plots", []))
+
+
 @pytest.mark.parametrize("chapter", SPECCED)
 def test_solution_notebook_scores_full_marks_on_every_autograded_question(graded, chapter):
-    (scores, _), n_exercises = graded(chapter)[0]["solution"], len(_spec_of(chapter)["questions"])
-    assert len(scores) == n_exercises, scores
+    (scores, _), n_graded = graded(chapter)[0]["solution"], _n_autograded(chapter)
+    assert len(scores) == n_graded, scores
     assert all(score == best > 0 for score, best in scores.values()), scores
 
 
 @pytest.mark.parametrize("chapter", SPECCED)
 def test_blank_student_notebook_scores_zero_on_every_question(graded, chapter):
     scores, _ = graded(chapter)[0]["blank"]
-    assert len(scores) == len(_spec_of(chapter)["questions"]), scores
+    assert len(scores) == _n_autograded(chapter), scores
     assert all(score == 0 for score, _ in scores.values()), scores
 
 
@@ -234,6 +240,11 @@ def leaks(student_dir, chapter):
             full = {**book[label].values, **values}
             needles.append(("hidden test values",
                             f"{q['function']}({', '.join(f'{a}={full[a]!r}' for a in q['args'])})"))
+    for plot in spec.get("plots", []):
+        needles += [("plot solution line", line.split("#")[0].strip()) for line in plot["solution"].splitlines()
+                    if len(line.split("#")[0].strip()) >= 10]
+        needles += [("hidden plot values", ", ".join(f"{k}={v!r}" for k, v in values.items()))
+                    for values in plot["hidden"]]
     for e in book.values():
         needles.append(("the book's solution text", ROLE.sub(r"`\1`", e.solution_text)[:60]))
         needles += [("the book's solution code", line) for cell in e.solution_code
@@ -415,3 +426,27 @@ def test_hidden_values_reject_the_book_answer_typed_in(built, chapter):
         checker = getattr(exercises, e.checker)
         assert checker(typed_in, **e.values), label
         assert not all(checker(typed_in, **{**e.values, **v}) for v in q["hidden"]), label
+
+
+def test_the_downloads_hold_each_student_notebook_and_autograder_and_no_solution(built, tmp_path):
+    """What the instructors page offers: one archive, and per chapter the student notebook and the
+    autograder zip copied into the built site; never the masters or the solution notebooks."""
+    out = next(iter(built.values())).parent
+    site = tmp_path / "html"
+    site.mkdir()
+    (site / "index.html").write_text("<html></html>")
+    archive = ba.pack_downloads(out, SPECCED, site=site)
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+    for c in SPECCED:
+        assert f"{ba.DOWNLOADS}/{c}/student/{c}_assignment.ipynb" in names
+        assert f"{ba.DOWNLOADS}/{c}/autograder/{c}-autograder.zip" in names
+        assert (site / "assignments" / f"{c}_assignment.ipynb").read_bytes() == \
+            (out / c / "student" / f"{c}_assignment.ipynb").read_bytes()
+        assert (site / "assignments" / f"{c}-autograder.zip").is_file()
+    assert not [n for n in names if "masters" in n or "/autograder/" in n and n.endswith(".ipynb")], names
+    assert (site / "assignments" / archive.name).read_bytes() == archive.read_bytes()
+    instructors = (ROOT / "book" / "instructors.md").read_text()
+    assert f'href="../assignments/{archive.name}"' in instructors
+    with pytest.raises(FileNotFoundError, match="make assignments"):
+        ba.pack_downloads(tmp_path / "nothing", SPECCED[:1])

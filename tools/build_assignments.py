@@ -164,6 +164,7 @@ def read_spec(chapter_name, spec_dir=SPEC_DIR):
     spec.setdefault("imports", "")
     spec.setdefault("questions", {})
     spec.setdefault("free_response", [])
+    spec.setdefault("plots", [])
     return spec
 
 
@@ -193,6 +194,7 @@ def check_spec(chapter, spec):
         for values in q.get("hidden", []):
             if not set(values) <= set(q.get("args", [])):
                 problems.append(f"{e.label}: hidden {values} sets parameters outside args {q.get('args')}")
+    problems += _plot_problems(spec, labels)
     if not spec["free_response"]:
         problems.append("no free_response: question (each assignment has at least one)")
     for fr in spec["free_response"]:
@@ -205,6 +207,35 @@ def check_spec(chapter, spec):
     if problems:
         raise ValueError(f"assignments/{chapter.name}.yml disagrees with notebooks/{chapter.name}.ipynb:\n  "
                          + "\n  ".join(problems))
+
+
+def _plot_problems(spec, labels):
+    """What is wrong with the spec's plot questions (the student draws with matplotlib)."""
+    import inspect as _inspect
+
+    from lora_ref import plot_checks
+
+    problems = []
+    for plot in spec["plots"]:
+        name = plot.get("name", "?")
+        for key in ("name", "after", "function", "args", "checker", "prompt", "solution", "values", "hidden"):
+            if key not in plot:
+                problems.append(f"plots: {name}: missing {key}:")
+        if plot.get("after") not in labels:
+            problems.append(f"plots: {name}: after: {plot.get('after')} is not an exercise label")
+        checker = getattr(plot_checks, plot.get("checker", ""), None)
+        if checker is None:
+            problems.append(f"plots: {name}: checker {plot.get('checker')} is not in lora_ref.plot_checks")
+            continue
+        params = list(_inspect.signature(checker).parameters)[1:]
+        if plot.get("args", [None])[0] != "ax" or plot.get("args", [])[1:] != params:
+            problems.append(f"plots: {name}: args must be ['ax'] + {params}, the checker's, not {plot.get('args')}")
+        for values in [plot.get("values", {}), *plot.get("hidden", [])]:
+            if set(values) != set(params):
+                problems.append(f"plots: {name}: values {sorted(values)} are not the checker's {params}")
+        if not plot.get("hidden"):
+            problems.append(f"plots: {name}: needs at least one hidden value set")
+    return problems
 
 
 # --------------------------------------------------------------------------- the master notebook
@@ -271,6 +302,58 @@ def _instructions(e, q):
     return text
 
 
+def _plot_test_source(name, plot, values, hidden):
+    """An otter test that draws the student's figure on a fresh Axes and reads it back with the
+    book's plot checker. A bare Figure, no pyplot: the notebook's backend stays as it is."""
+    config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n' if hidden else ""
+    rest = ", ".join(f"{k}={v!r}" for k, v in values.items())
+    return (f"{config}def {name}({plot['function']}):\n"
+            f"    from matplotlib.figure import Figure\n"
+            f"    from lora_ref import plot_checks\n"
+            f"    ax = Figure().subplots()\n"
+            f"    {plot['function']}(ax, {rest})\n"
+            f"    verdict = plot_checks.{plot['checker']}(ax, {rest})\n"
+            f"    assert verdict, verdict.message\n")
+
+
+def _plot_cells(plot):
+    """The cells of a plot question: the prompt, the function with its solution, the figure drawn at
+    the question's values and checked, then the public and hidden tests."""
+    from lora_ref import plot_checks
+
+    doc = " ".join(inspect.getdoc(getattr(plot_checks, plot["checker"])).split("\n\n")[0].split())
+    body = textwrap.indent(plot["solution"].rstrip("\n"), "    ")
+    rest = ", ".join(f"{k}={v!r}" for k, v in plot["values"].items())
+    code = (f"def {plot['function']}({', '.join(plot['args'])}):\n"
+            f'    """Draw on the matplotlib Axes ax: {doc}"""\n'
+            f"    # BEGIN SOLUTION\n{body}\n    # END SOLUTION\n\n\n"
+            f"# The figure at the question's values, read back by the book's plot checker:\n"
+            f"fig, ax = plt.subplots(figsize=(6, 4))\n"
+            f"{plot['function']}(ax, {rest})\n"
+            f"verdict = pc.{plot['checker']}(ax, {rest})\n"
+            f"plt.show()\n"
+            f"verdict")
+    text = (f"## Plot (`{plot['name']}`)\n\n{plot['prompt'].strip()}\n\n"
+            f"**Answer with a figure.** Complete `{plot['function']}({', '.join(plot['args'])})` so that it draws "
+            f"the figure on the matplotlib Axes `ax` it is given (do not create a figure of your own). The cell "
+            f"draws it at the question's values and checks it; the autograder draws it again at other values "
+            f"and reads back what you plotted through the Axes (`ax.get_lines()`, each line's data and label, "
+            f"the axis titles and scales), never the pixels.")
+    config = {"name": plot["name"], "points": plot.get("points", 2), "all_or_nothing": True}
+    tests = [_plot_test_source("test_plot_values", plot, plot["values"], hidden=False)]
+    tests += [_plot_test_source(f"test_other_values_{j}", plot, values, hidden=True)
+              for j, values in enumerate(plot["hidden"], 1)]
+    return [_raw("# BEGIN QUESTION\n" + yaml.safe_dump(config, sort_keys=False).strip()),
+            nbformat.v4.new_markdown_cell(text),
+            _raw("# BEGIN SOLUTION"),
+            nbformat.v4.new_code_cell(code),
+            _raw("# END SOLUTION"),
+            _raw("# BEGIN TESTS"),
+            *[nbformat.v4.new_code_cell(t) for t in tests],
+            _raw("# END TESTS"),
+            _raw("# END QUESTION")]
+
+
 def _free_response_cells(fr, chapter):
     by_label = {e.label: e for e in chapter.exercises}
     answer = []
@@ -324,7 +407,15 @@ def torch_requirement():
     return pin[0]
 
 
-def assignment_config(chapter, lora_ref_requirement):
+def pinned(package):
+    """``package==version`` as requirements.txt pins it."""
+    pin = re.search(rf"^{re.escape(package)}==\S+", (ROOT / "requirements.txt").read_text(), re.M)
+    if pin is None:
+        raise RuntimeError(f"requirements.txt does not pin {package}")
+    return pin[0]
+
+
+def assignment_config(chapter, lora_ref_requirement, plots=False):
     """otter's `# ASSIGNMENT CONFIG`. Tests are files (Colab needs them so); the grading image gets
     CPU torch and lora_ref, pinned as the book pins them."""
     config = {
@@ -334,7 +425,7 @@ def assignment_config(chapter, lora_ref_requirement):
         "export_cell": False,             # students hand in the .ipynb itself
         "python_version": "3.11",
         "requirements": ["--extra-index-url https://download.pytorch.org/whl/cpu",
-                         torch_requirement(), lora_ref_requirement],
+                         torch_requirement(), lora_ref_requirement] + ([pinned("matplotlib")] if plots else []),
         "tests": {"files": True, "ok_format": False},
         "generate": {"pdf": False, "filtering": False, "show_stdout": True},
     }
@@ -355,11 +446,13 @@ def master_notebook(chapter, spec, lora_ref_requirement):
              "question's public test. The autograder runs hidden tests as well: the same question at other "
              "values. A question scores its points only if every test passes. Free-response questions are "
              "graded by hand. Hand in this notebook (`.ipynb`).")
-    cells = [_raw(assignment_config(chapter, lora_ref_requirement)),
+    cells = [_raw(assignment_config(chapter, lora_ref_requirement, plots=bool(spec["plots"]))),
              nbformat.v4.new_code_cell(install_cell_source(chapter)),
              nbformat.v4.new_markdown_cell(intro),
              nbformat.v4.new_code_cell(INIT_CELL.format(notebook=notebook)),
-             nbformat.v4.new_code_cell("from lora_ref import exercises as ex\n" + spec["imports"].strip())]
+             nbformat.v4.new_code_cell("from lora_ref import exercises as ex\n"
+                                       + ("import matplotlib.pyplot as plt\n\nfrom lora_ref import plot_checks as pc\n"
+                                          if spec["plots"] else "") + spec["imports"].strip())]
     for n, e in enumerate(chapter.exercises, 1):
         q = spec["questions"][e.label]
         config = {"name": question_name(e.label), "points": q.get("points", 1), "all_or_nothing": True}
@@ -379,6 +472,9 @@ def master_notebook(chapter, spec, lora_ref_requirement):
                   *[nbformat.v4.new_code_cell(t) for t in tests],
                   _raw("# END TESTS"),
                   _raw("# END QUESTION")]
+        for plot in spec["plots"]:
+            if plot["after"] == e.label:
+                cells += _plot_cells(plot)
         for fr in spec["free_response"]:
             if fr["after"] == e.label:
                 cells += _free_response_cells(fr, chapter)
@@ -444,6 +540,39 @@ def build(chapter_name, out=DEFAULT_OUT, *, run_tests=True, spec_dir=SPEC_DIR, n
     return result
 
 
+DOWNLOADS = "lora-book-assignments"             # the archive of every chapter's assignment
+
+
+def pack_downloads(out, chapters, site=None):
+    """One zip of every built chapter's student notebook, public tests and autograder zip:
+    ``<out>/lora-book-assignments.zip``, with a copy of it and of each chapter's student notebook and
+    autograder zip under ``<site>/assignments/`` when ``site`` (the built book) is given, for the
+    instructors page. The masters and the solution notebooks stay out. Returns the archive's path."""
+    out = Path(out)
+    archive = out / f"{DOWNLOADS}.zip"
+    tmp = archive.with_name(archive.name + ".tmp")
+    files = []
+    for name in chapters:
+        files += [out / name / "student" / f"{name}_assignment.ipynb",
+                  *sorted((out / name / "student" / "tests").glob("*.py")),
+                  out / name / "autograder" / f"{name}-autograder.zip"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"not built: {missing[:3]}: run make assignments")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, arcname=f"{DOWNLOADS}/{f.relative_to(out).as_posix()}")
+    tmp.replace(archive)
+    if site is not None and Path(site, "index.html").exists():
+        dest = Path(site) / "assignments"
+        dest.mkdir(exist_ok=True)
+        shutil.copyfile(archive, dest / archive.name)
+        for name in chapters:
+            shutil.copyfile(out / name / "student" / f"{name}_assignment.ipynb", dest / f"{name}_assignment.ipynb")
+            shutil.copyfile(out / name / "autograder" / f"{name}-autograder.zip", dest / f"{name}-autograder.zip")
+    return archive
+
+
 def chapters_with_exercises(notebook_dir=NOTEBOOK_DIR):
     return [p.stem for p in sorted(Path(notebook_dir).glob("*.ipynb"))
             if any(EXERCISE_RE.search(c.source) for c in nbformat.read(p, as_version=4).cells
@@ -471,6 +600,10 @@ def main(argv=None):
         result = build(name, args.out, run_tests=not args.no_run_tests, spec_dir=args.specs,
                        lora_ref_requirement=args.lora_ref)
         print(f"{name}: {result.relative_to(Path.cwd()) if result.is_relative_to(Path.cwd()) else result}")
+    built = [c for c in chapters if c not in missing]
+    if built:
+        archive = pack_downloads(args.out, built, site=ROOT / "_build" / "html")
+        print(f"{archive}: every assignment in one archive (a copy in _build/html/assignments/ if the book is built)")
     if missing:
         sys.exit(f"no spec in {args.specs} for: {', '.join(missing)}: write assignments/<chapter>.yml "
                  f"(assignments/README.md)")
