@@ -325,7 +325,7 @@ def _plot_cells(plot):
     body = textwrap.indent(plot["solution"].rstrip("\n"), "    ")
     rest = ", ".join(f"{k}={v!r}" for k, v in plot["values"].items())
     code = (f"def {plot['function']}({', '.join(plot['args'])}):\n"
-            f'    """Draw on the matplotlib Axes ax: {doc}"""\n'
+            f'    """Draw on the matplotlib Axes ax {doc[0].lower() + doc[1:]}"""\n'
             f"    # BEGIN SOLUTION\n{body}\n    # END SOLUTION\n\n\n"
             f"# The figure at the question's values, read back by the book's plot checker:\n"
             f"fig, ax = plt.subplots(figsize=(6, 4))\n"
