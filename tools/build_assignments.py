@@ -255,12 +255,20 @@ def _checker_call_source(checker, function, args, values):
     return f"ex.{checker}({inner}, {rest})"
 
 
+def _hidden_config(hidden):
+    """otter's test config that hides a test from students, or nothing for a public test."""
+    return '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n' if hidden else ""
+
+
+def _keywords(values):
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
 def _test_source(name, e, q, values, hidden):
     """An otter exception-based test: the book's checker at `values`, on the student's function."""
-    config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n' if hidden else ""
     call = _call(q["function"], q["args"], values)
     rest = ", ".join(f"{k}={v!r}" for k, v in values.items())
-    return (f"{config}def {name}({q['function']}):\n"
+    return (f"{_hidden_config(hidden)}def {name}({q['function']}):\n"
             f"    from lora_ref import exercises\n"
             f"    answer = {call}\n"
             f"    assert answer is not None, '{q['function']} returned None: complete its body'\n"
@@ -271,7 +279,7 @@ def _test_source(name, e, q, values, hidden):
 def _forbid_test_source(q):
     """A hidden test that the answer does not call the library function that computes it."""
     names = list(q["forbid"])
-    return ('""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n'
+    return (_hidden_config(True) +
             f"def test_computes_the_answer_itself({q['function']}):\n"
             f"    import inspect\n"
             f"    source = inspect.getsource({q['function']})\n"
@@ -305,9 +313,8 @@ def _instructions(e, q):
 def _plot_test_source(name, plot, values, hidden):
     """An otter test that draws the student's figure on a fresh Axes and reads it back with the
     book's plot checker. A bare Figure, no pyplot: the notebook's backend stays as it is."""
-    config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n' if hidden else ""
-    rest = ", ".join(f"{k}={v!r}" for k, v in values.items())
-    return (f"{config}def {name}({plot['function']}):\n"
+    rest = _keywords(values)
+    return (f"{_hidden_config(hidden)}def {name}({plot['function']}):\n"
             f"    from matplotlib.figure import Figure\n"
             f"    from lora_ref import plot_checks\n"
             f"    ax = Figure().subplots()\n"
