@@ -48,9 +48,9 @@ def test_each_figure_carries_an_image_of_itself_that_nbval_never_compares(cell, 
     assert root.tag == SVG + "svg" and float(root.get("width")) == static_figures.WIDTH
     _, layout = static_figures.figure_arguments(html)
     title = (layout.get("title") or {}).get("text", "")
-    if title:                       # the image is of this figure (a stale one shows another title)
-        drawn = " ".join("".join(t.itertext()) for t in root.iter(SVG + "text"))
-        assert _visible_words(title, 3) in " ".join(drawn.split()), (title, drawn[:300])
+    assert title, "every figure of the book has a title (finish_layout's first line)"
+    drawn = " ".join("".join(t.itertext()) for t in root.iter(SVG + "text"))
+    assert _visible_words(title, 3) in " ".join(drawn.split()), (title, drawn[:300])   # not a stale image
     assert "nbval-ignore-output" in cell.metadata.get("tags", []) or "nbval-skip" in cell.metadata.get("tags", [])
 
 

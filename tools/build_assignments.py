@@ -211,8 +211,6 @@ def check_spec(chapter, spec):
 
 def _plot_problems(spec, labels):
     """What is wrong with the spec's plot questions (the student draws with matplotlib)."""
-    import inspect as _inspect
-
     from lora_ref import plot_checks
 
     problems = []
@@ -227,7 +225,7 @@ def _plot_problems(spec, labels):
         if checker is None:
             problems.append(f"plots: {name}: checker {plot.get('checker')} is not in lora_ref.plot_checks")
             continue
-        params = list(_inspect.signature(checker).parameters)[1:]
+        params = list(inspect.signature(checker).parameters)[1:]
         if plot.get("args", [None])[0] != "ax" or plot.get("args", [])[1:] != params:
             problems.append(f"plots: {name}: args must be ['ax'] + {params}, the checker's, not {plot.get('args')}")
         for values in [plot.get("values", {}), *plot.get("hidden", [])]:
@@ -250,9 +248,7 @@ def _call(function, args, values):
 
 
 def _checker_call_source(checker, function, args, values):
-    inner = _call(function, args, values)
-    rest = ", ".join(f"{k}={v!r}" for k, v in values.items())
-    return f"ex.{checker}({inner}, {rest})"
+    return f"ex.{checker}({_call(function, args, values)}, {_keywords(values)})"
 
 
 def _hidden_config(hidden):
@@ -264,10 +260,14 @@ def _keywords(values):
     return ", ".join(f"{k}={v!r}" for k, v in values.items())
 
 
+def _first_paragraph(function):
+    """A checker's docstring's first paragraph on one line: the docstring of the student's function."""
+    return " ".join(inspect.getdoc(function).split("\n\n")[0].split())
+
+
 def _test_source(name, e, q, values, hidden):
     """An otter exception-based test: the book's checker at `values`, on the student's function."""
-    call = _call(q["function"], q["args"], values)
-    rest = ", ".join(f"{k}={v!r}" for k, v in values.items())
+    call, rest = _call(q["function"], q["args"], values), _keywords(values)
     return (f"{_hidden_config(hidden)}def {name}({q['function']}):\n"
             f"    from lora_ref import exercises\n"
             f"    answer = {call}\n"
@@ -290,7 +290,7 @@ def _forbid_test_source(q):
 def _function_cell(e, q):
     from lora_ref import exercises
 
-    doc = " ".join(inspect.getdoc(getattr(exercises, e.checker)).split("\n\n")[0].split())   # first paragraph
+    doc = _first_paragraph(getattr(exercises, e.checker))
     body = textwrap.indent(q["solution"].rstrip("\n"), "    ")
     return (f"def {q['function']}({', '.join(q['args'])}):\n"
             f'    """{doc}"""\n'
@@ -328,9 +328,9 @@ def _plot_cells(plot):
     the question's values and checked, then the public and hidden tests."""
     from lora_ref import plot_checks
 
-    doc = " ".join(inspect.getdoc(getattr(plot_checks, plot["checker"])).split("\n\n")[0].split())
+    doc = _first_paragraph(getattr(plot_checks, plot["checker"]))
     body = textwrap.indent(plot["solution"].rstrip("\n"), "    ")
-    rest = ", ".join(f"{k}={v!r}" for k, v in plot["values"].items())
+    rest = _keywords(plot["values"])
     code = (f"def {plot['function']}({', '.join(plot['args'])}):\n"
             f'    """Draw on the matplotlib Axes ax {doc[0].lower() + doc[1:]}"""\n'
             f"    # BEGIN SOLUTION\n{body}\n    # END SOLUTION\n\n\n"
